@@ -1,0 +1,277 @@
+"""Run configuration: pydantic models loaded from YAML plus dotted command-line overrides.
+
+    cfg = load_config("configs/synthetic_cpu.yaml", ["optim.lr=0.01", "train.epochs=2"])
+
+Unknown keys, wrong types and impossible values raise `ConfigError`, whose message names
+the key and the file it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+COCO_KEYPOINT_SIGMAS = [
+    0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72,
+    0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89,
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the source."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the COCO-format person-keypoints data lives and how samples are drawn."""
+
+    root: str = Field("data/coco", description="Dataset root (local path or fsspec URL) in COCO layout.")
+    train_images: str = Field("train2017", description="Training image folder, relative to root.")
+    val_images: str = Field("val2017", description="Validation image folder, relative to root.")
+    train_annotations: str = Field(
+        "annotations/person_keypoints_train2017.json", description="Training annotation JSON, relative to root."
+    )
+    val_annotations: str = Field(
+        "annotations/person_keypoints_val2017.json", description="Validation annotation JSON, relative to root."
+    )
+    min_visible_keypoints: int = Field(10, ge=0, description="Training drops images with fewer visible keypoints.")
+    aspect_ratio_group_factor: int = Field(
+        3, ge=0, description="Aspect-ratio bins per side of 1 for batch grouping; 0 puts every image in one group."
+    )
+    hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip in training.")
+    prefetch_factor: int = Field(2, ge=1, description="Batches each data-loader worker prepares ahead.")
+    cache_dir: str | None = Field(
+        None, description="Where the compact annotation index is cached (node-local); default: a temp dir."
+    )
+
+
+class ModelConfig(Section):
+    """Keypoint R-CNN architecture. Defaults reproduce torchvision's keypointrcnn_resnet50_fpn."""
+
+    backbone: Literal["resnet50", "resnet18", "mobilenet_v3_large"] = "resnet50"
+    trainable_backbone_layers: int | None = Field(
+        None, ge=0, le=5, description="Backbone stages trained; null: 3 with pretrained weights, else all 5."
+    )
+    norm_layer: Literal["auto", "frozen_bn", "bn"] = Field(
+        "auto", description="Backbone norm: auto = frozen BN with pretrained backbone weights, else BN (torchvision)."
+    )
+    fpn_channels: int = Field(256, ge=1)
+    box_head_dim: int = Field(1024, ge=1, description="Width of the two-layer box head.")
+    keypoint_head_layers: int = Field(8, ge=1)
+    keypoint_head_channels: int = Field(512, ge=1)
+    rpn_batch_size_per_image: int = Field(256, ge=1)
+    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_post_nms_top_n_train: int = Field(2000, ge=1)
+    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
+    box_batch_size_per_image: int = Field(512, ge=1)
+    box_detections_per_img: int = Field(100, ge=1)
+    min_size: list[int] = Field([640, 672, 704, 736, 768, 800], min_length=1, description="Train resize sizes.")
+    max_size: int = Field(1333, ge=1)
+    weights: str | None = Field(
+        None, description="Full-model weights: local path, fsspec URL, or torchvision weights name."
+    )
+    backbone_weights: str | None = Field(
+        None, description="Backbone weights: torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1), path or URL."
+    )
+
+
+class OptimConfig(Section):
+    """SGD optimizer. lr is for the total batch of the recipe; scale it linearly with the total batch."""
+
+    lr: float = Field(0.02, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm; off when null.")
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule, applied per iteration: linear warmup, then multi-step or cosine."""
+
+    name: Literal["multistep", "cosine"] = "multistep"
+    milestones: list[int] = Field([36, 43], description="Epochs at which lr is multiplied by gamma (multistep).")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_iters: int = Field(1000, ge=0)
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+
+
+class TrainConfig(Section):
+    """The training loop. batch_size is per process."""
+
+    epochs: int = Field(46, ge=1)
+    batch_size: int = Field(2, ge=1, description="Images per process per step.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many global steps (smoke runs).")
+    workers: int = Field(4, ge=0, description="Data-loader worker processes per rank.")
+    seed: int = Field(0, ge=0)
+    amp: bool = Field(False, description="Mixed precision (CUDA only; ignored on CPU).")
+    log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dist_timeout_s: int = Field(1800, ge=10, description="Collective timeout (seconds) of the process group.")
+
+
+class EvalConfig(Section):
+    """Distributed COCO evaluation (OKS for keypoints, IoU for boxes)."""
+
+    every_epochs: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end).")
+    at_end: bool = Field(True, description="Evaluate after the last step.")
+    backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
+    batch_size: int = Field(2, ge=1)
+    max_images: int | None = Field(None, ge=1, description="Evaluate only the first N validation images.")
+    sigmas: list[float] | None = Field(None, description="OKS sigma per keypoint; COCO's 17 when null.")
+    num_visualize: int = Field(4, ge=0, description="Validation images drawn with predictions per evaluation.")
+
+
+class CheckpointConfig(Section):
+    """Checkpoints under output_dir/checkpoints/ and how a run resumes."""
+
+    every_steps: int = Field(500, ge=1)
+    keep_last: int = Field(3, ge=1)
+    keep_every_epochs: int | None = Field(None, ge=1, description="Also keep the end-of-epoch checkpoint every K.")
+    resume: str = Field("auto", description="auto (newest valid), none (fresh start), or a checkpoint URL/path.")
+    overwrite: bool = Field(False, description="With resume: none, allow an output_dir that has checkpoints.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Non-secret fsspec options (e.g. endpoint_url, region)."
+    )
+    timeout_s: float = Field(60.0, gt=0.0, description="Bound on one object-store request (connect/read).")
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> CheckpointConfig:
+        for key in self.storage_options:
+            if any(word in key.lower() for word in ("secret", "key", "token", "password")):
+                raise ValueError(
+                    f"storage_options.{key}: credentials do not belong in the config; "
+                    "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS credential chain"
+                )
+        return self
+
+
+class TrackingConfig(Section):
+    """Weights & Biases tracking on rank 0. The API key comes from the environment or `wandb login`."""
+
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "dist_kp"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    notes: str | None = None
+
+
+class Config(Section):
+    """A whole run. `output_dir` is a local path or any fsspec URL (s3://bucket/runs/exp1)."""
+
+    output_dir: str = "runs/default"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _schedule_fits_training(self) -> Config:
+        if self.schedule.name == "multistep":
+            milestones = self.schedule.milestones
+            if sorted(milestones) != milestones:
+                raise ValueError(f"schedule.milestones must be increasing, got {milestones}")
+            late = [m for m in milestones if m < 1 or m >= self.train.epochs]
+            if late:
+                raise ValueError(
+                    f"schedule.milestones {late} must lie in [1, train.epochs={self.train.epochs}); "
+                    "a milestone at or past the last epoch never applies"
+                )
+        return self
+
+
+SECTIONS = {name: field.annotation for name, field in Config.model_fields.items() if name != "output_dir"}
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["optim.lr=0.01", "train.epochs=2"] into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in error.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `python -m dist_kp.train --help` for the sections)"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or defaults when path is None) and apply dotted overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        source += " + command-line overrides " + " ".join(overrides)
+    return config_from_dict(raw, source)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def sections_help() -> str:
+    """One line per config section, for --help."""
+    lines = ["output_dir: local path or fsspec URL where everything of the run is written"]
+    for name, model in SECTIONS.items():
+        doc = (model.__doc__ or "").strip().splitlines()[0]
+        keys = ", ".join(model.model_fields)
+        lines.append(f"{name}: {doc}\n    keys: {keys}")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Data loaders for training (grouped, distributed, resumable) and evaluation (unpadded shards)."""
+
+from __future__ import annotations
+
+import torch
+
+from dist_kp.config import Config
+from dist_kp.data.coco import KeypointDataset, KeypointIndex, collate, load_index
+from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
+
+
+def join(root: str, path: str) -> str:
+    """`path` under `root` unless it is absolute or a URL itself."""
+    if path.startswith("/") or "://" in path:
+        return path
+    return f"{root.rstrip('/')}/{path}"
+
+
+def _loader_options(cfg: Config, device: torch.device) -> dict:
+    workers = cfg.train.workers
+    options = {"num_workers": workers, "collate_fn": collate, "pin_memory": device.type == "cuda"}
+    if workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor)
+    return options
+
+
+def train_index(cfg: Config) -> KeypointIndex:
+    return load_index(join(cfg.data.root, cfg.data.train_annotations))
+
+
+def val_index(cfg: Config) -> KeypointIndex:
+    return load_index(join(cfg.data.root, cfg.data.val_annotations))
+
+
+def build_train_loader(
+    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device
+) -> tuple[torch.utils.data.DataLoader, GroupedDistributedBatchSampler]:
+    dataset = KeypointDataset(
+        index, join(cfg.data.root, cfg.data.train_images), train=True,
+        min_visible_keypoints=cfg.data.min_visible_keypoints, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
+    )
+    if len(dataset) < world_size:
+        raise ValueError(
+            f"{index.source}: {len(dataset)} training images left after filtering "
+            f"(data.min_visible_keypoints={cfg.data.min_visible_keypoints}), fewer than {world_size} processes"
+        )
+    sampler = GroupedDistributedBatchSampler(
+        dataset.aspect_ratios, cfg.train.batch_size, num_replicas=world_size, rank=rank,
+        seed=cfg.train.seed, group_factor=cfg.data.aspect_ratio_group_factor,
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, **_loader_options(cfg, device))
+    return loader, sampler
+
+
+def build_eval_loader(
+    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """This rank's images of the validation set, each image on exactly one rank."""
+    dataset = KeypointDataset(index, join(cfg.data.root, cfg.data.val_images), train=False)
+    count = len(dataset) if cfg.eval.max_images is None else min(cfg.eval.max_images, len(dataset))
+    shard = torch.utils.data.Subset(dataset, eval_shard(count, rank, world_size))
+    options = _loader_options(cfg, device)
+    options["persistent_workers"] = False
+    return torch.utils.data.DataLoader(shard, batch_size=cfg.eval.batch_size, shuffle=False, **options)

@@ -1,0 +1,113 @@
+"""Train Keypoint R-CNN, alone or as one worker of torchrun / srun.
+
+usage:
+  python -m dist_kp.train --config CONFIG.yaml [section.key=value ...]
+  torchrun --nproc_per_node=4 -m dist_kp.train --config CONFIG.yaml [section.key=value ...]
+
+Overrides are dotted keys with YAML values, e.g. optim.lr=0.01 train.epochs=2
+output_dir=s3://bucket/runs/exp1. The resolved config is written to OUTPUT_DIR/config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+
+import fsspec
+import numpy as np
+import torch
+
+from dist_kp import distributed
+from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
+from dist_kp.data.loaders import build_train_loader, train_index
+from dist_kp.engine import TrainProgress, build_optimizer, build_scheduler, train_one_epoch
+from dist_kp.metrics import MetricsFile
+from dist_kp.model import build_model
+
+log = logging.getLogger("dist_kp.train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m dist_kp.train",
+        description=__doc__,
+        epilog="config sections:\n" + sections_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (defaults: the reference recipe's values)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: section.key=value")
+    return parser.parse_args(argv)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def write_config(cfg: Config) -> None:
+    fs, path = fsspec.core.url_to_fs(cfg.output_dir)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/config.yaml", "w") as f:
+        f.write(config_to_yaml(cfg))
+
+
+def run(cfg: Config) -> None:
+    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    seed_everything(cfg.train.seed, info.rank)
+    if info.is_main:
+        write_config(cfg)
+        log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, cfg.output_dir)
+
+    index = train_index(cfg)
+    loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device)
+    model = build_model(cfg.model, index.meta.num_keypoints).to(info.device)
+    if info.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+        )
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
+    metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
+    progress = TrainProgress()
+    if info.is_main:
+        log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), sampler.batches_per_epoch)
+
+    stop = False
+    while progress.epoch < cfg.train.epochs and not stop:
+        sampler.set_epoch(progress.epoch, start_batch=progress.batch)
+        stop = train_one_epoch(
+            model, optimizer, scheduler, loader, progress, cfg, info.device, scaler,
+            record=metrics.append if metrics else lambda record: None,
+            after_step=lambda p: False,
+        )
+        if progress.batch == sampler.batches_per_epoch:
+            progress.epoch += 1
+            progress.batch = 0
+    if info.is_main:
+        log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    distributed.setup_logging()
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        log.error("%s", error)
+        return 2
+    try:
+        run(cfg)
+    except Exception:
+        log.exception("training failed on rank %d", distributed.get_rank())
+        raise
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
