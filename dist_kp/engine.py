@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import math
 import time
@@ -167,6 +168,24 @@ def train_one_epoch(
         end = time.perf_counter()
     log.info("epoch %d done in %s", progress.epoch, datetime.timedelta(seconds=int(time.perf_counter() - start)))
     return False
+
+
+def parameter_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_identical(model: nn.Module) -> str:
+    """Raise unless every rank holds bit-identical weights (DDP replicas must never diverge)."""
+    fingerprints = distributed.all_gather_objects(parameter_fingerprint(model))
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"model replicas differ across ranks: {fingerprints}")
+    log.info("model replicas identical on %d ranks (sha256 %s)", len(fingerprints), fingerprints[0][:16])
+    return fingerprints[0]
 
 
 def _log_step(

@@ -22,7 +22,13 @@ import torch
 from dist_kp import distributed
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
 from dist_kp.data.loaders import build_train_loader, train_index
-from dist_kp.engine import TrainProgress, build_optimizer, build_scheduler, train_one_epoch
+from dist_kp.engine import (
+    TrainProgress,
+    build_optimizer,
+    build_scheduler,
+    check_replicas_identical,
+    train_one_epoch,
+)
 from dist_kp.metrics import MetricsFile
 from dist_kp.model import build_model
 
@@ -87,6 +93,7 @@ def run(cfg: Config) -> None:
         if progress.batch == sampler.batches_per_epoch:
             progress.epoch += 1
             progress.batch = 0
+    check_replicas_identical(model)
     if info.is_main:
         log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)
 
