@@ -159,6 +159,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank `src`'s buffers (BatchNorm running stats drift apart after the last forward)."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=src)
+
+
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()

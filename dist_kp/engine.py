@@ -124,7 +124,8 @@ def train_one_epoch(
     """Train until the loader is exhausted, max_steps is reached, or `after_step` returns True.
 
     Returns True when training should stop (max_steps or a stop request), False at the end of
-    the epoch. Loss terms are all-reduced every step: one small collective that also tells
+    the epoch. On return every rank holds rank 0's buffers (BatchNorm statistics), so that
+    evaluation and checkpoints see one model. Loss terms are all-reduced every step: one small collective that also tells
     every rank when any rank's loss stopped being finite.
     """
     model.train()
@@ -164,8 +165,10 @@ def train_one_epoch(
                       device, skipped_total)
         stop = after_step(progress)
         if stop or (cfg.train.max_steps is not None and progress.step >= cfg.train.max_steps):
+            distributed.broadcast_buffers(model)
             return True
         end = time.perf_counter()
+    distributed.broadcast_buffers(model)
     log.info("epoch %d done in %s", progress.epoch, datetime.timedelta(seconds=int(time.perf_counter() - start)))
     return False
 
