@@ -1,0 +1,85 @@
+"""Config: YAML + dotted overrides, refused input names the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dist_kp.config import ConfigError, load_config
+from tests.conftest import REPO, TINY_CONFIG, check, run_module
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_typo_key_is_refused_naming_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert "optim.lrr" in str(error.value) and str(path) in str(error.value)
+    assert "unknown key" in str(error.value)
+
+
+def test_wrong_type_is_refused_naming_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  batch_size: two\n")
+    with pytest.raises(ConfigError, match=r"train\.batch_size.*'two'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("optim.lr=-0.1", "optim.lr"), ("train.batch_size=0", "train.batch_size"),
+     ("schedule.milestones=[3,50]", "schedule.milestones")],
+)
+def test_impossible_values_are_refused(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(TINY_CONFIG, [override])
+    message = str(error.value)
+    assert key.split(".")[-1] in message and str(TINY_CONFIG) in message
+
+
+def test_overrides_apply_on_top_of_the_file() -> None:
+    cfg = load_config(TINY_CONFIG, ["optim.lr=0.005", "train.epochs=3", "schedule.milestones=[2]",
+                                    "output_dir=s3://bucket/runs/x"])
+    assert cfg.optim.lr == 0.005 and cfg.train.epochs == 3 and cfg.schedule.milestones == [2]
+    assert cfg.output_dir == "s3://bucket/runs/x"
+    assert cfg.model.backbone == "resnet18"  # untouched keys keep the file's value
+
+
+def test_override_without_equals_is_refused() -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(TINY_CONFIG, ["optim.lr"])
+
+
+def test_written_config_loads_back_to_the_same_config(tmp_path: Path, synthetic_root: Path) -> None:
+    out = tmp_path / "run"
+    overrides = [f"data.root={synthetic_root}", f"output_dir={out}", "train.max_steps=1", "train.workers=0",
+                 "eval.every_epochs=0", "eval.at_end=false", "optim.lr=0.0123"]
+    check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *overrides]))
+    assert load_config(out / "config.yaml") == load_config(TINY_CONFIG, overrides)
+
+
+def test_reference_recipe_is_valid_and_matches_the_published_schedule() -> None:
+    cfg = load_config(REPO / "configs" / "coco_kp_r50_fpn.yaml")
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.02, 0.9, 1e-4)
+    assert (cfg.train.epochs, cfg.schedule.milestones, cfg.schedule.gamma) == (46, [36, 43], 0.1)
+    assert (cfg.schedule.warmup_iters, cfg.schedule.warmup_factor) == (1000, 0.001)
+    assert cfg.train.batch_size == 2 and cfg.data.aspect_ratio_group_factor == 3 and cfg.data.hflip_prob == 0.5
+
+
+def test_help_lists_the_config_sections() -> None:
+    result = check(run_module("dist_kp.train", ["--help"]))
+    for section in ("data:", "model:", "optim:", "schedule:", "train:", "eval:", "checkpoint:", "tracking:"):
+        assert section in result.stdout
+    assert "torchrun" in result.stdout
+
+
+def test_bad_config_exits_with_a_message_not_a_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "train:\n  epochz: 3\n")
+    result = run_module("dist_kp.train", ["--config", str(path)])
+    assert result.returncode == 2
+    assert "train.epochz" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,97 @@
+"""GroupedDistributedBatchSampler: sharding, equal lengths, grouping, determinism, resume."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from dist_kp.data.sampler import GroupedDistributedBatchSampler, aspect_ratio_groups, eval_shard
+
+RATIOS = np.random.default_rng(0).choice([0.75, 1.0, 4 / 3, 0.6, 1.8], size=103).tolist()
+
+
+def samplers(world_size: int, batch_size: int = 4, seed: int = 5) -> list[GroupedDistributedBatchSampler]:
+    return [GroupedDistributedBatchSampler(RATIOS, batch_size, world_size, rank, seed=seed, group_factor=3)
+            for rank in range(world_size)]
+
+
+def indices(batches) -> list[list[int]]:
+    return [[key.index for key in batch] for batch in batches]
+
+
+@pytest.mark.parametrize("world_size, epoch", itertools.product([1, 2, 3, 4], [0, 1, 2]))
+def test_shards_are_disjoint_and_cover_the_dataset(world_size: int, epoch: int) -> None:
+    shards = [set(s.shard(epoch).tolist()) for s in samplers(world_size)]
+    assert sum(len(s) for s in shards) == len(RATIOS)
+    assert set().union(*shards) == set(range(len(RATIOS)))
+    served: set[int] = set()
+    for s in samplers(world_size):
+        s.set_epoch(epoch)
+        served |= {i for b in indices(s) for i in b}
+    assert served == set(range(len(RATIOS)))
+
+
+@pytest.mark.parametrize("world_size, epoch", itertools.product([1, 2, 3, 4], [0, 1, 2]))
+def test_every_rank_yields_len_batches_and_the_same_count(world_size: int, epoch: int) -> None:
+    counts = []
+    for s in samplers(world_size):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s)
+        assert all(len(b) == s.batch_size for b in batches)
+        counts.append(len(batches))
+    assert len(set(counts)) == 1
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_batches_are_aspect_grouped(world_size: int) -> None:
+    groups = aspect_ratio_groups(RATIOS, 3)
+    num_groups = len(set(groups.tolist()))
+    for s in samplers(world_size):
+        for epoch in range(3):
+            s.set_epoch(epoch)
+            mixed = [b for b in indices(s) if len({int(groups[i]) for i in b}) > 1]
+            # Only the leftover batches at the end of the epoch may span a group boundary.
+            assert len(mixed) <= num_groups - 1
+            assert all(b in indices(s)[-(num_groups - 1):] for b in mixed)
+
+
+def test_same_seed_and_epoch_give_the_same_batches_and_epochs_differ() -> None:
+    a, b = samplers(2)[1], samplers(2)[1]
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert indices(a) == indices(b)
+    b.set_epoch(4)
+    assert indices(a) != indices(b)
+    other_seed = samplers(2, seed=6)[1]
+    other_seed.set_epoch(3)
+    assert indices(a) != indices(other_seed)
+
+
+def test_keys_carry_the_epoch() -> None:
+    s = samplers(1)[0]
+    s.set_epoch(7)
+    assert {key.epoch for batch in s for key in batch} == {7}
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 9])
+def test_starting_at_batch_k_yields_the_tail(k: int) -> None:
+    full, resumed = samplers(3)[2], samplers(3)[2]
+    full.set_epoch(2)
+    resumed.set_epoch(2, start_batch=k)
+    assert indices(resumed) == indices(full)[k:]
+    assert len(resumed) == len(full) - k
+
+
+def test_start_batch_past_the_epoch_is_refused() -> None:
+    s = samplers(2)[0]
+    with pytest.raises(ValueError, match="start batch"):
+        s.set_epoch(0, start_batch=s.batches_per_epoch + 1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_eval_shards_cover_each_sample_exactly_once(world_size: int) -> None:
+    served = [i for rank in range(world_size) for i in eval_shard(17, rank, world_size)]
+    assert sorted(served) == list(range(17))
