@@ -56,7 +56,10 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
 def load_weights(module: nn.Module, source: str) -> None:
     """Load a state dict strictly; a mismatch names the missing and unexpected keys."""
     state = _read_state_dict(source)
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches raise even when strict=False
+        raise WeightsError(f"weights {source} do not fit the model: {error}") from None
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
             f"weights {source} do not fit the model: missing keys {result.missing_keys[:10]}"
