@@ -1,0 +1,21 @@
+"""The README stays true: its config reference matches the models."""
+
+from __future__ import annotations
+
+from dist_kp.config import Config
+from dist_kp.config_reference import README, readme_section, render
+
+
+def test_readme_config_reference_matches_the_models() -> None:
+    assert readme_section(README.read_text()) == render(), (
+        "README's config reference is stale: run `python -m dist_kp.config_reference --write`"
+    )
+
+
+def test_config_reference_names_every_key() -> None:
+    text = render()
+    for section, field in Config.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        keys = [f"{section}.{k}" for k in sub] if sub else [section]
+        for key in keys:
+            assert f"| `{key}` |" in text
