@@ -21,7 +21,7 @@ import torch
 
 from dist_kp import distributed
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
-from dist_kp.data.loaders import build_train_loader, train_index
+from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.engine import (
     TrainProgress,
     build_optimizer,
@@ -29,6 +29,7 @@ from dist_kp.engine import (
     check_replicas_identical,
     train_one_epoch,
 )
+from dist_kp.evaluation import evaluate_model
 from dist_kp.metrics import MetricsFile
 from dist_kp.model import build_model
 
@@ -82,6 +83,8 @@ def run(cfg: Config) -> None:
     if info.is_main:
         log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), sampler.batches_per_epoch)
 
+    evaluation_index = val_index(cfg) if cfg.eval.every_epochs or cfg.eval.at_end else None
+    evaluated_at = -1
     stop = False
     while progress.epoch < cfg.train.epochs and not stop:
         sampler.set_epoch(progress.epoch, start_batch=progress.batch)
@@ -93,6 +96,11 @@ def run(cfg: Config) -> None:
         if progress.batch == sampler.batches_per_epoch:
             progress.epoch += 1
             progress.batch = 0
+            if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
+                evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
+                evaluated_at = progress.step
+    if cfg.eval.at_end and evaluated_at != progress.step:
+        evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
     check_replicas_identical(model)
     if info.is_main:
         log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)

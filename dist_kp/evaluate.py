@@ -1,0 +1,104 @@
+"""Evaluate a model, or a results file from any tool, with COCO keypoint (OKS) and box metrics.
+
+usage:
+  python -m dist_kp.evaluate --config CONFIG.yaml --weights PATH_OR_URL [section.key=value ...]
+  torchrun --nproc_per_node=N -m dist_kp.evaluate --config CONFIG.yaml --weights PATH_OR_URL
+  python -m dist_kp.evaluate --annotations GT.json --results RESULTS.json [--backend B] [--sigmas S ...] [--out DIR]
+
+With --config, the validation set of the config is evaluated (output under OUTPUT_DIR/eval/).
+With --results, box stats are computed only when the results carry boxes; metrics.json is
+written next to the results file, or under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import fsspec
+
+from dist_kp import distributed
+from dist_kp.config import ConfigError, load_config
+from dist_kp.data.coco import DataError, load_index
+from dist_kp.data.loaders import val_index
+from dist_kp.evaluation import BACKENDS, EvaluationError, evaluate_model, evaluate_results, ground_truth
+from dist_kp.model import WeightsError, build_model
+
+log = logging.getLogger("dist_kp.evaluate")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dist_kp.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("evaluate a model on the config's validation set")
+    model.add_argument("--config", help="YAML config (data, model, eval sections are used)")
+    model.add_argument("--weights", help="weights file: local path or fsspec URL (model_final.pt or a state dict)")
+    files = parser.add_argument_group("evaluate a COCO results file")
+    files.add_argument("--annotations", help="ground-truth COCO keypoints JSON (path or URL)")
+    files.add_argument("--results", help="COCO results JSON: image_id, category_id, keypoints, score[, bbox]")
+    files.add_argument("--out", help="folder for metrics.json (default: next to the results)")
+    parser.add_argument("--backend", choices=BACKENDS, help="evaluation backend (default: the config's, or faster_coco_eval)")
+    parser.add_argument("--sigmas", type=float, nargs="+", help="OKS sigma per keypoint (default: COCO's 17)")
+    parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
+    args = parser.parse_args(argv)
+    if bool(args.config) == bool(args.results):
+        parser.error("give either --config with --weights, or --annotations with --results")
+    if args.config and not args.weights:
+        parser.error("--config needs --weights")
+    if args.results and not args.annotations:
+        parser.error("--results needs --annotations")
+    return args
+
+
+def evaluate_file(args: argparse.Namespace) -> None:
+    index = load_index(args.annotations)
+    try:
+        with fsspec.open(args.results, "r") as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise EvaluationError(f"results file not found: {args.results}") from None
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{args.results} is not valid JSON: {error}") from None
+    if not isinstance(results, list) or any(not isinstance(r, dict) or "image_id" not in r for r in results):
+        raise EvaluationError(f"{args.results}: expected a list of COCO result records with image_id")
+    iou_types = ("keypoints", "bbox") if all("bbox" in r for r in results) else ("keypoints",)
+    output = evaluate_results(ground_truth(index), results, args.backend or "faster_coco_eval", args.sigmas, iou_types)
+    folder = args.out or (args.results.rsplit("/", 1)[0] if "/" in args.results else ".")
+    fs, path = fsspec.core.url_to_fs(folder)
+    fs.makedirs(path, exist_ok=True)
+    with fs.open(f"{path}/metrics.json", "w") as f:
+        json.dump(output.metrics, f, indent=1)
+    log.info("%d results on %d images:\n%s\nmetrics written to %s/metrics.json", len(results), len(index),
+             output.summary, folder)
+
+
+def evaluate_weights(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, f"model.weights={args.weights}"]
+    if args.backend:
+        overrides.append(f"eval.backend={args.backend}")
+    if args.sigmas:
+        overrides.append(f"eval.sigmas={list(args.sigmas)}")
+    cfg = load_config(args.config, overrides)
+    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    index = val_index(cfg)
+    model = build_model(cfg.model, index.meta.num_keypoints).to(info.device)
+    evaluate_model(model, cfg, index, info.device, step=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    distributed.setup_logging()
+    args = parse_args(argv)
+    try:
+        evaluate_file(args) if args.results else evaluate_weights(args)
+    except (ConfigError, DataError, EvaluationError, WeightsError) as error:
+        log.error("%s", error)
+        return 2
+    finally:
+        distributed.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
