@@ -118,9 +118,11 @@ def predict(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch
     records: list[dict[str, Any]] = []
     try:
         for images, targets, _ in loader:
-            images = [img.to(device, non_blocking=device.type == "cuda").float().div_(255.0) for img in images]
-            outputs = model(images)
-            records += outputs_to_results(outputs, [int(t["image_id"]) for t in targets], category_id)
+            # One image per forward: batching pads images to a common size, which changes the
+            # predictions, and the batches of a shard depend on the world size.
+            for image, target in zip(images, targets):
+                image = image.to(device, non_blocking=device.type == "cuda").float().div_(255.0)
+                records += outputs_to_results(model([image]), [int(target["image_id"])], category_id)
     finally:
         model.train(was_training)
     return records

@@ -31,7 +31,7 @@ from dist_kp.engine import (
 )
 from dist_kp.evaluation import evaluate_model
 from dist_kp.metrics import MetricsFile
-from dist_kp.model import build_model
+from dist_kp.model import build_model, weights_payload
 
 log = logging.getLogger("dist_kp.train")
 
@@ -59,6 +59,14 @@ def write_config(cfg: Config) -> None:
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/config.yaml", "w") as f:
         f.write(config_to_yaml(cfg))
+
+
+def save_final_weights(model: torch.nn.Module, cfg: Config, keypoint_meta: dict) -> None:
+    """OUTPUT_DIR/model_final.pt: the state dict plus what inference needs to rebuild the model."""
+    url = f"{cfg.output_dir.rstrip('/')}/model_final.pt"
+    with fsspec.open(url, "wb") as f:
+        torch.save(weights_payload(model, cfg.model, keypoint_meta), f)
+    log.info("final weights written to %s", url)
 
 
 def run(cfg: Config) -> None:
@@ -103,6 +111,7 @@ def run(cfg: Config) -> None:
         evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
     check_replicas_identical(model)
     if info.is_main:
+        save_final_weights(model, cfg, index.meta.to_dict())
         log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)
 
 

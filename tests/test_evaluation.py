@@ -1,0 +1,195 @@
+"""Distributed COCO evaluation: exact, whatever the world size and backend."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from dist_kp.data.coco import index_from_coco, load_index
+from dist_kp.evaluation import (
+    EvaluationError,
+    STAT_NAMES,
+    _coco,
+    check_sigmas,
+    evaluate_results,
+    ground_truth,
+    match_images,
+    merge_and_summarize,
+    metrics_dict,
+)
+from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
+
+
+def val_json(root: Path) -> Path:
+    return root / "annotations" / "person_keypoints_val2017.json"
+
+
+def noisy_predictions(gt: dict, seed: int = 0) -> list[dict]:
+    """Ground truth moved by noise, with random scores and some false positives: AP strictly in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for ann in gt["annotations"]:
+        if ann["iscrowd"]:
+            continue
+        kps = np.asarray(ann["keypoints"], float).reshape(-1, 3)
+        kps[:, :2] += rng.normal(0, rng.uniform(0.5, 6.0), size=(len(kps), 2))
+        kps[:, 2] = 1
+        x, y, w, h = ann["bbox"]
+        box = [x + rng.normal(0, 3), y + rng.normal(0, 3), w * rng.uniform(0.8, 1.2), h * rng.uniform(0.8, 1.2)]
+        results.append({"image_id": ann["image_id"], "category_id": 1, "keypoints": kps.reshape(-1).round(2).tolist(),
+                        "bbox": [round(v, 2) for v in box], "score": round(float(rng.uniform(0.1, 1.0)), 4)})
+        if rng.random() < 0.3:
+            fake = dict(results[-1], score=round(float(rng.uniform(0.0, 0.5)), 4))
+            fake["keypoints"] = (np.asarray(fake["keypoints"]) + 20).round(2).tolist()
+            results.append(fake)
+    return results
+
+
+def pycocotools_direct(annotations: Path, results: list[dict], iou_type: str) -> list[float]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(s) for s in evaluator.stats]
+
+
+def sharded(backend: str, index, results: list[dict], world_size: int) -> dict[str, float]:
+    """What `world_size` ranks compute: per-shard matching, then one merge (as in evaluate_distributed)."""
+    sigmas = check_sigmas(None, index.meta.num_keypoints)
+    stats = {}
+    for iou_type in STAT_NAMES:
+        parts = []
+        for rank in range(world_size):
+            positions = np.arange(rank, len(index), world_size)
+            ids = {int(index.image_ids[i]) for i in positions}
+            local = _coco(backend, ground_truth(index, positions))
+            parts.append(match_images(backend, local, [r for r in results if r["image_id"] in ids], iou_type,
+                                      sigmas, sorted(ids)))
+        stats[iou_type] = merge_and_summarize(backend, _coco(backend, ground_truth(index)), results, iou_type,
+                                              sigmas, parts)
+    return metrics_dict(stats)
+
+
+@pytest.fixture(scope="module")
+def noisy(synthetic_root: Path):
+    gt = json.loads(val_json(synthetic_root).read_text())
+    return load_index(str(val_json(synthetic_root))), noisy_predictions(gt)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_sharded_merge_equals_pycocotools_run_directly(noisy, synthetic_root: Path, backend: str,
+                                                       world_size: int) -> None:
+    index, results = noisy
+    metrics = sharded(backend, index, results, world_size)
+    direct = metrics_dict({t: pycocotools_direct(val_json(synthetic_root), results, t) for t in STAT_NAMES})
+    assert 0.1 < metrics["kp/AP"] < 0.99 and 0.1 < metrics["bbox/AP"] < 0.99
+    assert metrics == direct
+
+
+def test_backends_agree_exactly(noisy) -> None:
+    index, results = noisy
+    gt = ground_truth(index)
+    a = evaluate_results(gt, results, "pycocotools", None).metrics
+    b = evaluate_results(gt, results, "faster_coco_eval", None).metrics
+    assert a == b
+    assert len(a) == 22
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_ground_truth_as_predictions_scores_ap_one(synthetic_root: Path, backend: str) -> None:
+    gt = json.loads(val_json(synthetic_root).read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "bbox": a["bbox"],
+                "score": 1.0} for a in gt["annotations"] if not a["iscrowd"] and a["num_keypoints"] > 0]
+    metrics = evaluate_results(ground_truth(load_index(str(val_json(synthetic_root)))), perfect, backend, None).metrics
+    assert metrics["kp/AP"] == pytest.approx(1.0) and metrics["bbox/AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_no_predictions_give_zeros_without_error(synthetic_root: Path, backend: str) -> None:
+    metrics = evaluate_results(ground_truth(load_index(str(val_json(synthetic_root)))), [], backend, None).metrics
+    assert set(metrics.values()) == {0.0} and "kp/AR" in metrics and "bbox/AR100" in metrics
+
+
+def five_keypoint_dataset() -> dict:
+    names = ["head", "left_hand", "right_hand", "left_foot", "right_foot"]
+    images = [{"id": i, "width": 100, "height": 100, "file_name": f"{i}.jpg"} for i in range(1, 4)]
+    anns = [{"id": i, "image_id": i, "category_id": 1, "bbox": [10.0, 10.0, 50.0, 60.0], "area": 3000.0,
+             "iscrowd": 0, "num_keypoints": 5,
+             "keypoints": [20, 15, 2, 12, 40, 2, 55, 40, 2, 20, 68, 2, 50, 68, 2]} for i in range(1, 4)]
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "person", "keypoints": names, "skeleton": [[1, 2], [1, 3]]}]}
+
+
+def test_custom_five_keypoint_skeleton_evaluates_with_five_sigmas() -> None:
+    data = five_keypoint_dataset()
+    results = [{"image_id": a["image_id"], "category_id": 1, "score": 0.9, "bbox": a["bbox"],
+                "keypoints": [v + (1 if k % 3 < 2 else 0) for k, v in enumerate(a["keypoints"])]}
+               for a in data["annotations"]]
+    gt = ground_truth(index_from_coco(data, "five.json"))
+    metrics = evaluate_results(gt, results, "faster_coco_eval", [0.5, 0.6, 0.6, 0.8, 0.8]).metrics
+    assert metrics["kp/AP"] > 0.5
+
+
+def test_sigmas_that_do_not_match_the_keypoints_are_refused() -> None:
+    gt = ground_truth(index_from_coco(five_keypoint_dataset(), "five.json"))
+    with pytest.raises(EvaluationError, match="4 OKS sigmas but the dataset has 5 keypoints"):
+        evaluate_results(gt, [], "pycocotools", [0.5, 0.6, 0.6, 0.8])
+    with pytest.raises(EvaluationError, match="COCO's default has 17 OKS sigmas but the dataset has 5"):
+        evaluate_results(gt, [], "pycocotools", None)
+
+
+@pytest.fixture(scope="module")
+def trained_weights(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval_weights")
+    check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, out, "train.max_steps=15", "train.workers=0", "eval.every_epochs=0", "eval.at_end=false")]))
+    weights = out / "model_final.pt"
+    assert weights.exists()
+    return weights
+
+
+def test_same_weights_give_identical_metrics_on_1_2_and_3_processes(
+    trained_weights: Path, synthetic_root: Path, tmp_path: Path
+) -> None:
+    metrics, results = {}, {}
+    for nproc in (1, 2, 3):
+        out = tmp_path / f"n{nproc}"
+        check(run_module("dist_kp.evaluate", ["--config", str(TINY_CONFIG), "--weights", str(trained_weights),
+                                              f"data.root={synthetic_root}", f"output_dir={out}", "train.workers=0"],
+                         nproc=nproc))
+        metrics[nproc] = json.loads((out / "eval/00000000/metrics.json").read_text())
+        results[nproc] = json.loads((out / "eval/00000000/results.json").read_text())
+    assert metrics[1] == metrics[2] == metrics[3]
+    assert metrics[1]["bbox/AR100"] > 0  # a real, non-trivial evaluation
+    as_set = {n: sorted(json.dumps(r, sort_keys=True) for r in results[n]) for n in results}
+    assert as_set[1] == as_set[2] == as_set[3]
+    direct = {t: pycocotools_direct(val_json(synthetic_root), results[2], t) for t in STAT_NAMES}
+    assert {k: v for k, v in metrics[2].items() if k != "step"} == metrics_dict(direct)
+
+
+def test_results_file_cli_prints_both_summaries_and_writes_metrics(synthetic_root: Path, tmp_path: Path) -> None:
+    gt = json.loads(val_json(synthetic_root).read_text())
+    results_path = tmp_path / "preds.json"
+    results_path.write_text(json.dumps(noisy_predictions(gt, seed=1)))
+    result = check(run_module("dist_kp.evaluate", ["--annotations", str(val_json(synthetic_root)),
+                                                   "--results", str(results_path), "--backend", "pycocotools"]))
+    assert "keypoints (OKS)" in result.stderr and "bbox (IoU)" in result.stderr
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["kp/AP"] > 0 and "bbox/AP" in written
+    no_boxes = [{k: v for k, v in r.items() if k != "bbox"} for r in noisy_predictions(gt, seed=1)]
+    results_path.write_text(json.dumps(no_boxes))
+    out = tmp_path / "elsewhere"
+    result = check(run_module("dist_kp.evaluate", ["--annotations", str(val_json(synthetic_root)),
+                                                   "--results", str(results_path), "--out", str(out)]))
+    assert "bbox (IoU)" not in result.stderr
+    assert "bbox/AP" not in json.loads((out / "metrics.json").read_text())
