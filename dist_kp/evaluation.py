@@ -154,7 +154,8 @@ def _detections(backend: str, gt: Any, results: list[dict[str, Any]]) -> Any:
         return _coco(backend, {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
                                "annotations": []})
     with contextlib.redirect_stdout(io.StringIO()):
-        return gt.loadRes(copy.deepcopy(results))
+        # loadRes adds keys to each record but leaves its lists alone: a shallow copy suffices.
+        return gt.loadRes([dict(r) for r in results])
 
 
 def _evaluator(backend: str, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray, image_ids: list[int]) -> Any:
