@@ -77,6 +77,10 @@ class SmoothedValue:
         self.count += 1
 
     @property
+    def latest(self) -> float:
+        return self.window[-1] if self.window else 0.0
+
+    @property
     def smoothed(self) -> float:
         return sum(self.window) / max(len(self.window), 1)
 
@@ -215,7 +219,8 @@ def _log_step(
         record({
             **progress.to_dict(),
             "lr": lr,
-            **{f"train/{k}": m.smoothed for k, m in meters.items()},
+            **{f"train/{k}": m.latest for k, m in meters.items()},
+            **{f"train/{k}_smoothed": m.smoothed for k, m in meters.items()},
             "images_per_s": images_per_s,
             "data_time_s": data_time.smoothed,
             "max_memory_mb": max_mem_mb,

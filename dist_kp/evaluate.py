@@ -17,9 +17,8 @@ import json
 import logging
 import sys
 
-import fsspec
 
-from dist_kp import distributed
+from dist_kp import distributed, storage
 from dist_kp.config import ConfigError, load_config
 from dist_kp.data.coco import DataError, load_index
 from dist_kp.data.loaders import val_index
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def evaluate_file(args: argparse.Namespace) -> None:
     index = load_index(args.annotations)
     try:
-        with fsspec.open(args.results, "r") as f:
+        with storage.open_url(args.results, "r") as f:
             results = json.load(f)
     except FileNotFoundError:
         raise EvaluationError(f"results file not found: {args.results}") from None
@@ -66,7 +65,7 @@ def evaluate_file(args: argparse.Namespace) -> None:
     iou_types = ("keypoints", "bbox") if all("bbox" in r for r in results) else ("keypoints",)
     output = evaluate_results(ground_truth(index), results, args.backend or "faster_coco_eval", args.sigmas, iou_types)
     folder = args.out or (args.results.rsplit("/", 1)[0] if "/" in args.results else ".")
-    fs, path = fsspec.core.url_to_fs(folder)
+    fs, path = storage.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/metrics.json", "w") as f:
         json.dump(output.metrics, f, indent=1)

@@ -21,12 +21,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch import nn
 
-from dist_kp import distributed
+from dist_kp import distributed, storage
 from dist_kp.config import COCO_KEYPOINT_SIGMAS, Config
 from dist_kp.data.coco import KeypointIndex
 from dist_kp.data.loaders import build_eval_loader
@@ -158,57 +157,59 @@ def _detections(backend: str, gt: Any, results: list[dict[str, Any]]) -> Any:
         return gt.loadRes([dict(r) for r in results])
 
 
-def _evaluator(backend: str, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray, image_ids: list[int]) -> Any:
+def _evaluator(backend: str, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray, image_ids: list[int],
+               cat_ids: list[int]) -> Any:
     _, eval_cls = _api(backend)
     kwargs = {"print_function": lambda *a, **k: None} if backend == "faster_coco_eval" else {}
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = eval_cls(gt, dt, iou_type, **kwargs)
     evaluator.params.imgIds = sorted(image_ids)
-    evaluator.params.catIds = sorted(gt.getCatIds())
+    evaluator.params.catIds = sorted(cat_ids)
     if iou_type == "keypoints":
         evaluator.params.kpt_oks_sigmas = sigmas
     return evaluator
 
 
-def match_images(backend: str, gt: Any, results: list[dict[str, Any]], iou_type: str, sigmas: np.ndarray,
+def match_images(backend: str, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray,
                  image_ids: list[int]) -> dict[str, Any]:
-    """Per-image matching of this rank's images; a small picklable record for rank 0."""
-    dt = _detections(backend, gt, results)
-    evaluator = _evaluator(backend, gt, dt, iou_type, sigmas, image_ids)
+    """Per-image matching of this rank's images: the backend's per-image records, picklable."""
+    evaluator = _evaluator(backend, gt, dt, iou_type, sigmas, image_ids, gt.getCatIds())
+    if backend == "faster_coco_eval":
+        evaluator.separate_eval = True  # keep the C++ per-image records instead of accumulating here
     with contextlib.redirect_stdout(io.StringIO()):
-        if backend == "pycocotools":
-            evaluator.evaluate()
-            return {"image_ids": evaluator.params.imgIds, "eval_imgs": evaluator.evalImgs}
-        evaluator._prepare()
-        compute = evaluator.computeOks if iou_type == "keypoints" else evaluator.computeIoU
-        ious = {(i, c): compute(i, c) for i in evaluator.params.imgIds for c in evaluator.params.catIds}
-    return {"image_ids": evaluator.params.imgIds, "ious": ious}
+        evaluator.evaluate()
+    records = evaluator.evalImgs if backend == "pycocotools" else evaluator._evalImgs_cpp
+    return {"image_ids": list(evaluator.params.imgIds), "cat_ids": list(evaluator.params.catIds),
+            "eval_imgs": records}
 
 
-def merge_and_summarize(backend: str, gt: Any, results: list[dict[str, Any]], iou_type: str, sigmas: np.ndarray,
-                        parts: list[dict[str, Any]]) -> list[float]:
-    """One accumulate/summarize over every rank's per-image matches; the backend's stats vector."""
-    image_ids = sorted(i for part in parts for i in part["image_ids"])
-    if not results:
+def merge_and_summarize(backend: str, iou_type: str, sigmas: np.ndarray, parts: list[dict[str, Any]],
+                        num_results: int) -> list[float]:
+    """One accumulate/summarize over every rank's per-image records; the backend's stats vector.
+
+    Records are laid out [category][area range][image]; the ranks' blocks are joined along the
+    image axis and put in image-id order, which is what one process would have produced.
+    """
+    if num_results == 0:
         return [0.0] * len(STAT_NAMES[iou_type])
+    image_ids = sorted(i for part in parts for i in part["image_ids"])
+    cat_ids = sorted({c for part in parts for c in part["cat_ids"]})
+    evaluator = _evaluator(backend, None, None, iou_type, sigmas, image_ids, cat_ids)
+    p = evaluator.params
+    p.maxDets = sorted(p.maxDets)
+    grids = [np.asarray(part["eval_imgs"], dtype=object).reshape(len(p.catIds), len(p.areaRng), -1)
+             for part in parts]
+    order = np.argsort(np.concatenate([np.asarray(part["image_ids"], np.int64) for part in parts]), kind="stable")
+    merged = list(np.concatenate(grids, axis=2)[:, :, order].flatten())
+    evaluator._paramsEval = copy.deepcopy(p)
     with contextlib.redirect_stdout(io.StringIO()):
         if backend == "pycocotools":
-            # accumulate() needs only the parameters and the per-image records, not the detections.
-            evaluator = _evaluator(backend, gt, None, iou_type, sigmas, image_ids)
-            p = evaluator.params
-            p.maxDets = sorted(p.maxDets)
-            grids = [np.asarray(part["eval_imgs"], dtype=object).reshape(len(p.catIds), len(p.areaRng), -1)
-                     for part in parts]
-            order = np.argsort(np.concatenate([np.asarray(part["image_ids"]) for part in parts]), kind="stable")
-            evaluator.evalImgs = list(np.concatenate(grids, axis=2)[:, :, order].flatten())
-            evaluator._paramsEval = copy.deepcopy(p)
+            evaluator.evalImgs = merged
+            evaluator.accumulate()
         else:
-            evaluator = _evaluator(backend, gt, _detections(backend, gt, results), iou_type, sigmas, image_ids)
-            ious = {key: value for part in parts for key, value in part["ious"].items()}
-            lookup = lambda image_id, cat_id: ious[image_id, cat_id]  # noqa: E731
-            evaluator.computeOks = evaluator.computeIoU = lookup
-            evaluator.evaluate()
-        evaluator.accumulate()
+            from faster_coco_eval.core.faster_eval_api import _C
+
+            evaluator.eval = _C.COCOevalAccumulate(evaluator._paramsEval, merged)
         evaluator.summarize()
     return [float(s) for s in evaluator.stats]
 
@@ -250,11 +251,12 @@ def evaluate_results(
     num_keypoints = len(category.get("keypoints", [])) or len(COCO_KEYPOINT_SIGMAS)
     oks_sigmas = check_sigmas(sigmas, num_keypoints)
     gt = _coco(backend, gt_dataset)
+    dt = _detections(backend, gt, results)
     image_ids = sorted(gt.getImgIds())
     stats = {}
     for iou_type in iou_types:
-        part = match_images(backend, gt, results, iou_type, oks_sigmas, image_ids)
-        stats[iou_type] = merge_and_summarize(backend, gt, results, iou_type, oks_sigmas, [part])
+        part = match_images(backend, gt, dt, iou_type, oks_sigmas, image_ids)
+        stats[iou_type] = merge_and_summarize(backend, iou_type, oks_sigmas, [part], len(results))
     return EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
 
 
@@ -265,18 +267,16 @@ def evaluate_distributed(
     """Match this rank's images, merge on rank 0, and give every rank the metrics."""
     oks_sigmas = check_sigmas(sigmas, index.meta.num_keypoints)
     local_gt = _coco(backend, ground_truth(index, local_positions))
+    local_dt = _detections(backend, local_gt, local_results)
     local_ids = [int(index.image_ids[i]) for i in local_positions.tolist()]
-    parts = {t: match_images(backend, local_gt, local_results, t, oks_sigmas, local_ids) for t in STAT_NAMES}
-    gathered = distributed.gather_objects((parts, local_results, local_positions))
+    parts = {t: match_images(backend, local_gt, local_dt, t, oks_sigmas, local_ids) for t in STAT_NAMES}
+    gathered = distributed.gather_objects((parts, local_results))
     output = None
     if gathered is not None:
-        results = [r for _, rank_results, _ in gathered for r in rank_results]
-        positions = np.sort(np.concatenate([p for _, _, p in gathered]))
-        gt = _coco(backend, ground_truth(index, positions))
+        results = [r for _, rank_results in gathered for r in rank_results]
         stats = {
-            iou_type: merge_and_summarize(
-                backend, gt, results, iou_type, oks_sigmas, [rank_parts[iou_type] for rank_parts, _, _ in gathered]
-            )
+            iou_type: merge_and_summarize(backend, iou_type, oks_sigmas,
+                                          [rank_parts[iou_type] for rank_parts, _ in gathered], len(results))
             for iou_type in STAT_NAMES
         }
         output = EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
@@ -287,7 +287,7 @@ def evaluate_distributed(
 def write_outputs(output_dir: str, step: int, output: EvalOutput) -> str:
     """results.json and metrics.json under OUTPUT_DIR/eval/<step>/ (rank 0); returns the folder URL."""
     folder = f"{output_dir.rstrip('/')}/eval/{step:08d}"
-    fs, path = fsspec.core.url_to_fs(folder)
+    fs, path = storage.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/results.json", "w") as f:
         json.dump(output.results or [], f)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
+from dist_kp import storage
 
 
 class MetricsFile:
@@ -14,7 +14,7 @@ class MetricsFile:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self.fs, self.path = storage.url_to_fs(url)
         self.records: list[dict[str, Any]] = []
         if self.fs.exists(self.path):
             with self.fs.open(self.path, "r") as f:

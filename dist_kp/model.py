@@ -10,7 +10,6 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
-import fsspec
 import torch
 import torchvision
 from torch import nn
@@ -23,6 +22,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dist_kp import storage
 from dist_kp.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
         except (KeyError, ValueError) as error:
             raise WeightsError(f"unknown torchvision weights name {source!r}: {error}") from None
     try:
-        with fsspec.open(source, "rb") as f:
+        with storage.open_url(source, "rb") as f:
             loaded = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {source}") from None

@@ -6,6 +6,8 @@ usage:
 
 Overrides are dotted keys with YAML values, e.g. optim.lr=0.01 train.epochs=2
 output_dir=s3://bucket/runs/exp1. The resolved config is written to OUTPUT_DIR/config.yaml.
+Running the same command again resumes from the newest valid checkpoint in OUTPUT_DIR
+(checkpoint.resume=auto), mid-epoch, with the same data order and random state.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import logging
 import random
 import sys
 
-import fsspec
 import numpy as np
 import torch
 
-from dist_kp import distributed
+from dist_kp import distributed, storage
+from dist_kp.checkpoint import Checkpointer, CheckpointStore, TrainState, resume_training
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.engine import (
@@ -55,7 +57,7 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def write_config(cfg: Config) -> None:
-    fs, path = fsspec.core.url_to_fs(cfg.output_dir)
+    fs, path = storage.url_to_fs(cfg.output_dir)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/config.yaml", "w") as f:
         f.write(config_to_yaml(cfg))
@@ -64,14 +66,21 @@ def write_config(cfg: Config) -> None:
 def save_final_weights(model: torch.nn.Module, cfg: Config, keypoint_meta: dict) -> None:
     """OUTPUT_DIR/model_final.pt: the state dict plus what inference needs to rebuild the model."""
     url = f"{cfg.output_dir.rstrip('/')}/model_final.pt"
-    with fsspec.open(url, "wb") as f:
+    with storage.open_url(url, "wb") as f:
         torch.save(weights_payload(model, cfg.model, keypoint_meta), f)
     log.info("final weights written to %s", url)
 
 
+def finished(progress: TrainProgress, cfg: Config) -> bool:
+    return progress.epoch >= cfg.train.epochs or (
+        cfg.train.max_steps is not None and progress.step >= cfg.train.max_steps)
+
+
 def run(cfg: Config) -> None:
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    storage.configure(cfg.checkpoint.storage_options, cfg.checkpoint.timeout_s)
     seed_everything(cfg.train.seed, info.rank)
+    store = CheckpointStore(cfg.output_dir, cfg.checkpoint)
     if info.is_main:
         write_config(cfg)
         log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, cfg.output_dir)
@@ -86,33 +95,44 @@ def run(cfg: Config) -> None:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
-    metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
     progress = TrainProgress()
+    train_state = TrainState(model, optimizer, scheduler, scaler, progress, cfg)
+    resumed = resume_training(store, train_state)
+    checkpointer = Checkpointer(store, train_state)
+    metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
     if info.is_main:
+        if resumed:
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed, progress.step, progress.epoch,
+                     progress.batch)
+            metrics.truncate_after(progress.step)
         log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), sampler.batches_per_epoch)
 
     evaluation_index = val_index(cfg) if cfg.eval.every_epochs or cfg.eval.at_end else None
     evaluated_at = -1
-    stop = False
-    while progress.epoch < cfg.train.epochs and not stop:
+    while not finished(progress, cfg):
         sampler.set_epoch(progress.epoch, start_batch=progress.batch)
-        stop = train_one_epoch(
+        stopped = train_one_epoch(
             model, optimizer, scheduler, loader, progress, cfg, info.device, scaler,
             record=metrics.append if metrics else lambda record: None,
-            after_step=lambda p: False,
+            after_step=checkpointer.after_step,
         )
         if progress.batch == sampler.batches_per_epoch:
             progress.epoch += 1
             progress.batch = 0
+            checkpointer.save(epoch_end=True)
             if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
                 evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
                 evaluated_at = progress.step
+        if stopped:
+            break
+    checkpointer.save(wait=True)
     if cfg.eval.at_end and evaluated_at != progress.step:
         evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
     check_replicas_identical(model)
     if info.is_main:
         save_final_weights(model, cfg, index.meta.to_dict())
         log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)
+    checkpointer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

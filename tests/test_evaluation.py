@@ -17,6 +17,7 @@ from dist_kp.evaluation import (
     EvaluationError,
     STAT_NAMES,
     _coco,
+    _detections,
     check_sigmas,
     evaluate_results,
     ground_truth,
@@ -65,18 +66,15 @@ def pycocotools_direct(annotations: Path, results: list[dict], iou_type: str) ->
 def sharded(backend: str, index, results: list[dict], world_size: int) -> dict[str, float]:
     """What `world_size` ranks compute: per-shard matching, then one merge (as in evaluate_distributed)."""
     sigmas = check_sigmas(None, index.meta.num_keypoints)
-    stats = {}
-    for iou_type in STAT_NAMES:
-        parts = []
-        for rank in range(world_size):
-            positions = np.arange(rank, len(index), world_size)
-            ids = {int(index.image_ids[i]) for i in positions}
-            local = _coco(backend, ground_truth(index, positions))
-            parts.append(match_images(backend, local, [r for r in results if r["image_id"] in ids], iou_type,
-                                      sigmas, sorted(ids)))
-        stats[iou_type] = merge_and_summarize(backend, _coco(backend, ground_truth(index)), results, iou_type,
-                                              sigmas, parts)
-    return metrics_dict(stats)
+    parts: dict[str, list] = {t: [] for t in STAT_NAMES}
+    for rank in range(world_size):
+        positions = np.arange(rank, len(index), world_size)
+        ids = {int(index.image_ids[i]) for i in positions}
+        local = _coco(backend, ground_truth(index, positions))
+        dt = _detections(backend, local, [r for r in results if r["image_id"] in ids])
+        for iou_type in STAT_NAMES:
+            parts[iou_type].append(match_images(backend, local, dt, iou_type, sigmas, sorted(ids)))
+    return metrics_dict({t: merge_and_summarize(backend, t, sigmas, parts[t], len(results)) for t in STAT_NAMES})
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import fsspec
 import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from dist_kp import storage
 from dist_kp.data.transforms import horizontal_flip, sample_generator
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,10 @@ class KeypointIndex:
     widths: np.ndarray  # int32 [I]
     heights: np.ndarray  # int32 [I]
     ann_offsets: np.ndarray  # int64 [I+1]
-    boxes: np.ndarray  # float32 [A, 4] xywh
-    keypoints: np.ndarray  # float32 [A, K, 3]
+    boxes: np.ndarray  # float64 [A, 4] xywh (float64: evaluation must see the JSON's exact values)
+    keypoints: np.ndarray  # float64 [A, K, 3]
     iscrowd: np.ndarray  # uint8 [A]
-    areas: np.ndarray  # float32 [A]
+    areas: np.ndarray  # float64 [A]
     ann_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [A]
 
     def __len__(self) -> int:
@@ -114,10 +114,10 @@ def index_from_coco(data: dict[str, Any], source: str) -> KeypointIndex:
     anns = [a for a in data["annotations"] if a.get("category_id") == meta.category_id]
     anns.sort(key=lambda a: (position.get(a.get("image_id"), -1), a.get("id", 0)))
     counts = np.zeros(len(images), np.int64)
-    boxes = np.zeros((len(anns), 4), np.float32)
-    keypoints = np.zeros((len(anns), num_kp, 3), np.float32)
+    boxes = np.zeros((len(anns), 4), np.float64)
+    keypoints = np.zeros((len(anns), num_kp, 3), np.float64)
     iscrowd = np.zeros(len(anns), np.uint8)
-    areas = np.zeros(len(anns), np.float32)
+    areas = np.zeros(len(anns), np.float64)
     ann_ids = np.zeros(len(anns), np.int64)
     for j, ann in enumerate(anns):
         where = f"{source}: annotation id={ann.get('id')}"
@@ -131,7 +131,7 @@ def index_from_coco(data: dict[str, Any], source: str) -> KeypointIndex:
             raise DataError(f"{where} has bbox {bbox!r}, expected [x, y, w, h]")
         counts[position[ann["image_id"]]] += 1
         boxes[j] = bbox
-        keypoints[j] = np.asarray(kps, np.float32).reshape(num_kp, 3)
+        keypoints[j] = np.asarray(kps, np.float64).reshape(num_kp, 3)
         iscrowd[j] = int(ann.get("iscrowd", 0))
         areas[j] = float(ann.get("area", bbox[2] * bbox[3]))
         ann_ids[j] = int(ann.get("id", j))
@@ -156,7 +156,7 @@ def index_from_coco(data: dict[str, Any], source: str) -> KeypointIndex:
 def load_index(url: str) -> KeypointIndex:
     """Parse an annotation JSON (local path or fsspec URL) into a KeypointIndex."""
     try:
-        with fsspec.open(url, "rb") as f:
+        with storage.open_url(url, "rb") as f:
             data = json.load(f)
     except FileNotFoundError:
         raise DataError(f"annotation file not found: {url}") from None
@@ -181,12 +181,13 @@ def build_target(index: KeypointIndex, i: int, train: bool) -> dict[str, torch.T
     if train:
         keep = (index.iscrowd[rows] == 0) & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     return {
-        "boxes": torch.from_numpy(xyxy[keep].copy()).reshape(-1, 4),
+        "boxes": torch.from_numpy(xyxy[keep].astype(np.float32)).reshape(-1, 4),
         "labels": torch.ones(int(keep.sum()), dtype=torch.int64),
-        "keypoints": torch.from_numpy(index.keypoints[rows][keep].copy()).reshape(-1, index.meta.num_keypoints, 3),
+        "keypoints": torch.from_numpy(index.keypoints[rows][keep].astype(np.float32)).reshape(
+            -1, index.meta.num_keypoints, 3),
         "image_id": torch.tensor(int(index.image_ids[i])),
         "iscrowd": torch.from_numpy(index.iscrowd[rows][keep].astype(np.int64)),
-        "area": torch.from_numpy(index.areas[rows][keep].copy()),
+        "area": torch.from_numpy(index.areas[rows][keep].astype(np.float32)),
     }
 
 
@@ -204,7 +205,7 @@ def trainable_images(index: KeypointIndex, min_visible_keypoints: int) -> np.nda
 
 def read_image(url: str) -> torch.Tensor:
     """Decode a JPEG/PNG (local path or fsspec URL) to a uint8 RGB tensor [3, H, W]."""
-    with fsspec.open(url, "rb") as f:
+    with storage.open_url(url, "rb") as f:
         data = f.read()
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 

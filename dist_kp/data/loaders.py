@@ -18,7 +18,9 @@ def join(root: str, path: str) -> str:
 
 def _loader_options(cfg: Config, device: torch.device) -> dict:
     workers = cfg.train.workers
-    options = {"num_workers": workers, "collate_fn": collate, "pin_memory": device.type == "cuda"}
+    options = {"num_workers": workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
+               # Worker seeds come from this generator, not the global RNG that checkpoints restore.
+               "generator": torch.Generator().manual_seed(cfg.train.seed)}
     if workers > 0:
         options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor)
     return options

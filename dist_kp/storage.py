@@ -1,0 +1,95 @@
+"""File systems for output_dir and data: local paths or any fsspec URL, with bounded S3 requests.
+
+Credentials and the endpoint come from the standard environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_REGION, or the AWS credential chain); only
+non-secret options come from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import fsspec
+from fsspec.spec import AbstractFileSystem
+
+log = logging.getLogger(__name__)
+
+_options: dict[str, Any] = {}
+_timeout_s = 60.0
+
+
+class StorageError(OSError):
+    """A storage location that cannot be used; the message names the URL and the likely cause."""
+
+
+def configure(storage_options: dict[str, Any], timeout_s: float) -> None:
+    """Set the non-secret options and request timeout used for every URL from now on."""
+    global _options, _timeout_s
+    _options = dict(storage_options)
+    _timeout_s = timeout_s
+
+
+def _s3_options() -> dict[str, Any]:
+    import s3fs
+
+    # Bounded retries: s3fs otherwise retries a dead endpoint for minutes.
+    s3fs.S3FileSystem.retries = 2
+    config = {"connect_timeout": min(_timeout_s, 10.0), "read_timeout": _timeout_s,
+              "retries": {"max_attempts": 2, "mode": "standard"}}
+    options: dict[str, Any] = {"config_kwargs": config}
+    client_kwargs = dict(_options.get("client_kwargs", {}))
+    endpoint = _options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") \
+        or os.environ.get("FSSPEC_S3_ENDPOINT_URL")
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    region = _options.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    options["client_kwargs"] = client_kwargs
+    options.update({k: v for k, v in _options.items() if k not in ("endpoint_url", "region", "client_kwargs")})
+    return options
+
+
+def _drop_expect_header(fs: AbstractFileSystem) -> None:
+    """Without this a write to a server that accepts but never answers hangs forever."""
+    import botocore.handlers
+
+    if getattr(fs, "_dist_kp_no_expect", False):  # fsspec caches instances; do it once each
+        return
+    fs.connect()
+    fs.s3.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    fs._dist_kp_no_expect = True
+
+
+def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
+    """(file system, path) for a local path or fsspec URL, with this run's options."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        fs, path = fsspec.core.url_to_fs(url, **_s3_options())
+        _drop_expect_header(fs)
+        return fs, path
+    return fsspec.core.url_to_fs(url, **(_options if protocol != "file" else {}))
+
+
+def open_url(url: str, mode: str = "rb") -> Any:
+    """Open a local path or URL (a context manager, as fsspec's open)."""
+    fs, path = url_to_fs(url)
+    return fs.open(path, mode)
+
+
+def explain(error: BaseException, url: str) -> StorageError:
+    """A StorageError naming the URL for an error raised by a file system call."""
+    text = f"{type(error).__name__}: {error}"
+    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text \
+            or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        hint = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the AWS profile) for it"
+    elif "EndpointConnectionError" in text or "ConnectTimeout" in text or "ReadTimeout" in text \
+            or "Could not connect" in text:
+        hint = f"storage endpoint not reachable within {_timeout_s:.0f} s (check AWS_ENDPOINT_URL and the server)"
+    elif isinstance(error, FileNotFoundError):
+        hint = "not found"
+    else:
+        hint = "storage error"
+    return StorageError(f"{url}: {hint} ({text})")
