@@ -89,7 +89,7 @@ def versions() -> dict[str, str]:
         own = metadata.version("dist_kp")
     except metadata.PackageNotFoundError:
         own = "unknown"
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "dist_kp": own,
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "dist_kp": own,
             "git_commit": _git_commit()}
 
 

