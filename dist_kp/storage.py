@@ -7,8 +7,10 @@ non-secret options come from the config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -77,6 +79,17 @@ def open_url(url: str, mode: str = "rb") -> Any:
     """Open a local path or URL (a context manager, as fsspec's open)."""
     fs, path = url_to_fs(url)
     return fs.open(path, mode)
+
+
+@contextlib.contextmanager
+def named_errors(url: str) -> Iterator[None]:
+    """Turn any file-system error inside the block into a StorageError naming `url`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - backends raise all kinds; the message keeps the type
+        raise explain(error, url) from error
 
 
 def explain(error: BaseException, url: str) -> StorageError:

@@ -57,10 +57,11 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def write_config(cfg: Config) -> None:
-    fs, path = storage.url_to_fs(cfg.output_dir)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/config.yaml", "w") as f:
-        f.write(config_to_yaml(cfg))
+    with storage.named_errors(cfg.output_dir):
+        fs, path = storage.url_to_fs(cfg.output_dir)
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(f"{path}/config.yaml", "w") as f:
+            f.write(config_to_yaml(cfg))
 
 
 def save_final_weights(model: torch.nn.Module, cfg: Config, keypoint_meta: dict) -> None:
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg)
+    except storage.StorageError as error:
+        log.error("rank %d: %s", distributed.get_rank(), error)
+        return 1
     except Exception:
         log.exception("training failed on rank %d", distributed.get_rank())
         raise
