@@ -1,0 +1,225 @@
+"""Run a trained model on your own pictures: drawn people plus one COCO results JSON.
+
+usage:
+  python -m dist_kp.predict --weights OUTPUT_DIR/model_final.pt --images a.jpg b.png DIR/ --out OUT \
+      [--score-threshold 0.5] [--device auto|cpu|cuda]
+
+The weights file (model_final.pt, written at the end of training) carries the model config,
+keypoint names and skeleton, so no training config is needed and a custom skeleton is drawn
+right. A folder given in --images contributes its .jpg/.jpeg/.png/.webp files (not sub-folders).
+OUT receives, for every readable input, NAME.png with boxes, keypoints and skeleton drawn;
+results.json (COCO results: image_id, category_id, bbox, keypoints, score) for all inputs; and
+images.json, the COCO "images" list mapping each image id to its source file. Image ids are the
+file names' numbers when every name is a number (COCO style, 000000397133.jpg), else 1, 2, ...
+in input order. Detections scoring below --score-threshold are neither drawn nor written (use a
+low threshold, e.g. 0.05, for a results file meant for evaluation).
+
+Exit status: 0 all inputs done; 1 some inputs missing or undecodable (named in the log; the
+others are done); 2 unusable weights, device, output folder or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from torchvision.io import encode_png
+from torchvision.models.detection import KeypointRCNN
+
+from dist_kp import distributed, storage
+from dist_kp.config import ModelConfig
+from dist_kp.data.coco import KeypointMeta, read_image
+from dist_kp.evaluation import outputs_to_results
+from dist_kp.model import build_model
+from dist_kp.visualize import draw_people, skeleton_connectivity
+
+log = logging.getLogger("dist_kp.predict")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+class PredictError(ValueError):
+    """Weights, device or arguments predict cannot use; the message names the problem and the source."""
+
+
+@dataclass
+class InputImage:
+    """One picture to run on: where it comes from, its image id and the name of its drawn picture."""
+
+    source: str
+    image_id: int
+    picture: str
+
+
+def load_predictor(weights: str, device: torch.device) -> tuple[KeypointRCNN, KeypointMeta]:
+    """The model rebuilt from a final weights file alone (model config, keypoints, state dict), in eval mode."""
+    try:
+        with storage.open_url(weights, "rb") as f:
+            payload = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise PredictError(f"weights file not found: {weights}") from None
+    except Exception as error:  # noqa: BLE001 - torch/fsspec raise many types; the message keeps it
+        raise PredictError(f"cannot load weights from {weights}: {type(error).__name__}: {error}") from None
+    missing = [key for key in ("model", "model_config", "keypoints") if not isinstance(payload, dict)
+               or not isinstance(payload.get(key), dict)]
+    if missing:
+        raise PredictError(f"{weights} is not a dist_kp weights file: no {missing} in it; predict needs the "
+                           "OUTPUT_DIR/model_final.pt that training writes (it holds the model config and skeleton)")
+    try:
+        # Pretrained sources only matter when training starts; the state dict below replaces them.
+        cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None, "backbone_weights": None})
+        meta = KeypointMeta(int(payload["keypoints"]["category_id"]), list(payload["keypoints"]["keypoint_names"]),
+                            [list(pair) for pair in payload["keypoints"]["skeleton"]])
+        skeleton_connectivity(meta.skeleton, meta.num_keypoints)
+    except (ValidationError, KeyError, TypeError, ValueError) as error:
+        raise PredictError(f"{weights}: unusable model_config or keypoints: {error}") from None
+    model = build_model(cfg, meta.num_keypoints)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise PredictError(f"{weights}: the state dict does not fit its own model_config: {error}") from None
+    return model.eval().to(device), meta
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise PredictError("--device cuda but torch.cuda.is_available() is False on this host")
+    return torch.device("cuda")
+
+
+def _name(source: str) -> str:
+    return PurePosixPath(source.rstrip("/")).name
+
+
+def gather_inputs(arguments: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Image sources from files and folders (in the order given, each once), and the arguments that failed."""
+    sources: list[str] = []
+    failed: list[tuple[str, str]] = []
+    for argument in arguments:
+        try:
+            fs, path = storage.url_to_fs(argument)
+            if fs.isdir(path):
+                found = sorted(p for p in fs.ls(path, detail=False) if p.lower().endswith(IMAGE_SUFFIXES))
+                if not found:
+                    failed.append((argument, f"folder has no {'/'.join(IMAGE_SUFFIXES)} files"))
+                prefix = argument.split("://", 1)[0] + "://" if "://" in argument else ""
+                sources += [prefix + p if prefix and not p.startswith(prefix) else p for p in found]
+            else:
+                sources.append(argument)
+        except Exception as error:  # noqa: BLE001 - one bad argument must not stop the others
+            failed.append((argument, f"{type(error).__name__}: {error}"))
+    return list(dict.fromkeys(sources)), failed
+
+
+def plan_images(sources: list[str]) -> list[InputImage]:
+    """Image ids (the file names' numbers when all are distinct numbers, else 1..N) and unique picture names."""
+    stems = [PurePosixPath(_name(s)).stem for s in sources]
+    numbers = [int(stem) if stem.isdigit() else None for stem in stems]
+    coco_style = all(n is not None for n in numbers) and len(set(numbers)) == len(numbers)
+    ids = numbers if coco_style else list(range(1, len(sources) + 1))
+    planned, used = [], set()
+    for source, stem, image_id in zip(sources, stems, ids):
+        picture = f"{stem}.png"
+        if picture in used:  # the same file name in two folders
+            picture = f"{stem}_{image_id}.png"
+        used.add(picture)
+        planned.append(InputImage(source, int(image_id), picture))
+    return planned
+
+
+@torch.no_grad()
+def detect(model: KeypointRCNN, image: torch.Tensor, device: torch.device, score_threshold: float) -> dict[str, torch.Tensor]:
+    """The model's people in one uint8 image, those scoring at least score_threshold, on the CPU."""
+    output = model([image.to(device).float().div_(255.0)])[0]
+    keep = output["scores"] >= score_threshold
+    return {key: value[keep].cpu() for key, value in output.items()}
+
+
+def draw_detections(image: torch.Tensor, output: dict[str, torch.Tensor], meta: KeypointMeta) -> torch.Tensor:
+    """The picture of one image's detections with the weights' own skeleton."""
+    return draw_people(image, output["boxes"], output["keypoints"], meta.skeleton, output["scores"])
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with storage.named_errors(url):
+        with storage.open_url(url, "wb") as f:
+            f.write(data)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict on every input; returns the exit status (0 all done, 1 some inputs failed)."""
+    device = pick_device(args.device)
+    model, meta = load_predictor(args.weights, device)
+    log.info("model from %s: %d keypoints, %d skeleton limbs, device %s", args.weights, meta.num_keypoints,
+             len(meta.skeleton), device)
+    sources, failed = gather_inputs(args.images)
+    out = args.out.rstrip("/")
+    with storage.named_errors(out):
+        fs, path = storage.url_to_fs(out)
+        fs.makedirs(path, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    for item in plan_images(sources):
+        try:
+            image = read_image(item.source)
+        except FileNotFoundError:
+            failed.append((item.source, "file not found"))
+            continue
+        except Exception as error:  # noqa: BLE001 - decoders raise RuntimeError, OSError, ...
+            failed.append((item.source, f"cannot decode: {type(error).__name__}: {error}"))
+            continue
+        output = detect(model, image, device, args.score_threshold)
+        records += outputs_to_results([output], [item.image_id], meta.category_id)
+        write_bytes(f"{out}/{item.picture}", encode_png(draw_detections(image, output, meta)).numpy().tobytes())
+        images.append({"id": item.image_id, "file_name": _name(item.source), "width": int(image.shape[2]),
+                       "height": int(image.shape[1]), "source": item.source, "picture": item.picture})
+        log.info("%s (image_id %d): %d people -> %s/%s", item.source, item.image_id, len(output["scores"]), out,
+                 item.picture)
+    write_bytes(f"{out}/results.json", json.dumps(records).encode())
+    write_bytes(f"{out}/images.json", json.dumps({"images": images}, indent=1).encode())
+    for source, reason in failed:
+        log.error("skipped %s: %s", source, reason)
+    log.info("%d images, %d people (score >= %g); pictures, results.json and images.json in %s", len(images),
+             len(records), args.score_threshold, out)
+    if failed:
+        log.error("%d inputs failed: %s", len(failed), ", ".join(source for source, _ in failed))
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dist_kp.predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="final weights file: local path or fsspec URL")
+    parser.add_argument("--images", required=True, nargs="+", help="image files and folders (paths or URLs)")
+    parser.add_argument("--out", required=True, help="folder for the pictures, results.json and images.json")
+    parser.add_argument("--score-threshold", type=float, default=0.5,
+                        help="keep people scoring at least this (default 0.5)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when there is one (default)")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.score_threshold <= 1.0:
+        parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    distributed.setup_logging()
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (PredictError, storage.StorageError) as error:
+        log.error("%s", error)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
