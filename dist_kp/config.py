@@ -8,6 +8,7 @@ the key and the file it came from.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,10 @@ COCO_KEYPOINT_SIGMAS = [
     0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72,
     0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89,
 ]
+
+
+# Names of settings that hold credentials (api_key, secret, aws_token...), which no config may hold.
+CREDENTIAL_NAME = re.compile(r"(^|[_.])(api_?key|key|token|secret|password)s?($|_)", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -154,13 +159,27 @@ class CheckpointConfig(Section):
 class TrackingConfig(Section):
     """Weights & Biases tracking on rank 0. The API key comes from the environment or `wandb login`."""
 
-    mode: Literal["disabled", "offline", "online"] = "disabled"
+    mode: Literal["disabled", "offline", "online"] = Field(
+        "disabled", description="online: stream to W&B; offline: write locally for `wandb sync`; disabled: off."
+    )
     project: str = "dist_kp"
-    entity: str | None = None
-    name: str | None = None
+    entity: str | None = Field(None, description="W&B team or user; null: the login's default entity.")
+    name: str | None = Field(None, description="Run name; null: the last part of output_dir.")
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
     notes: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_api_key(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if CREDENTIAL_NAME.search(str(key)):
+                    raise ValueError(
+                        f"tracking.{key}: credentials do not belong in the config; "
+                        "set WANDB_API_KEY in the environment or run `wandb login`"
+                    )
+        return data
 
 
 class Config(Section):
@@ -228,7 +247,8 @@ def _describe(error: ValidationError, source: str) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `python -m dist_kp.train --help` for the sections)"
-        elif "input" in err and err["type"] not in ("missing",):
+        # A whole section's input may hold the refused credential: never echo it.
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
@@ -259,7 +279,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
-        source += " + command-line overrides " + " ".join(overrides)
+        shown = [f"{o.partition('=')[0]}=<redacted>" if CREDENTIAL_NAME.search(o.partition("=")[0]) else o
+                 for o in overrides]
+        source += " + command-line overrides " + " ".join(shown)
     return config_from_dict(raw, source)
 
 
