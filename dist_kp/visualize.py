@@ -1,13 +1,15 @@
 """Pictures of people: boxes, keypoints and the dataset's own skeleton drawn on an image.
 
 Used by `dist_kp.predict` for model outputs; works the same for ground truth (keypoints with
-v=0 are not drawn, nor the limbs that touch them).
+v=0 are not drawn, nor the limbs that touch them). `truth_and_prediction` puts the ground truth
+of an image next to a prediction, as training's evaluation pictures show them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes, draw_keypoints
 
@@ -55,3 +57,58 @@ def draw_people(
         drawn = draw_keypoints(drawn, keypoints[person:person + 1, :, :2], connectivity=connectivity, colors=colour,
                                radius=width + 1, width=width, visibility=visible[person:person + 1])
     return drawn
+
+
+def titled(image: torch.Tensor, title: str) -> torch.Tensor:
+    """The image with a white band above it holding `title` (uint8 [3, H + band, W])."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = max(10, min(image.shape[2] // 12, 24))
+    band = size + 6
+    canvas = Image.new("RGB", (image.shape[2], image.shape[1] + band), "white")
+    canvas.paste(Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()), (0, band))
+    ImageDraw.Draw(canvas).text((3, 2), title, fill="black", font=ImageFont.load_default(size=size))
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def tile(images: Sequence[torch.Tensor], columns: int, gap: int = 6) -> torch.Tensor:
+    """Images of any sizes laid out row by row on a white canvas, `columns` per row."""
+    if not images:
+        raise ValueError("tile needs at least one image")
+    rows = [list(images[i:i + columns]) for i in range(0, len(images), columns)]
+    width = max(max(sum(im.shape[2] for im in row) + gap * (len(row) - 1) for row in rows), 1)
+    heights = [max(im.shape[1] for im in row) for row in rows]
+    canvas = torch.full((3, sum(heights) + gap * (len(rows) - 1), width), 255, dtype=torch.uint8)
+    y = 0
+    for row, height in zip(rows, heights):
+        x = 0
+        for im in row:
+            canvas[:, y:y + im.shape[1], x:x + im.shape[2]] = im
+            x += im.shape[2] + gap
+        y += height + gap
+    return canvas
+
+
+def truth_and_prediction(
+    image: torch.Tensor, truth: dict[str, torch.Tensor], prediction: dict[str, torch.Tensor],
+    skeleton: Sequence[Sequence[int]], caption: str = "",
+) -> torch.Tensor:
+    """Ground truth (left) next to a prediction (right) of one image, each with a title.
+
+    truth and prediction hold `boxes` [N, 4] xyxy and `keypoints` [N, K, 3]; prediction also `scores`.
+    """
+    left = titled(draw_people(image, truth["boxes"], truth["keypoints"], skeleton),
+                  f"{caption} ground truth ({len(truth['boxes'])})".strip())
+    right = titled(draw_people(image, prediction["boxes"], prediction["keypoints"], skeleton,
+                               prediction.get("scores")), f"prediction ({len(prediction['boxes'])})")
+    return tile([left, right], columns=2)
+
+
+def people_from_results(results: Sequence[dict], num_keypoints: int, min_score: float) -> dict[str, torch.Tensor]:
+    """COCO result records (bbox xywh, flat keypoints) of one image as drawable tensors, best first."""
+    chosen = sorted((r for r in results if r["score"] >= min_score), key=lambda r: -r["score"])
+    boxes = torch.tensor([r["bbox"] for r in chosen], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    keypoints = torch.tensor([r["keypoints"] for r in chosen], dtype=torch.float32).reshape(-1, num_keypoints, 3)
+    return {"boxes": boxes, "keypoints": keypoints,
+            "scores": torch.tensor([r["score"] for r in chosen], dtype=torch.float32)}
