@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 
@@ -34,6 +35,8 @@ from dist_kp.engine import (
 from dist_kp.evaluation import evaluate_model
 from dist_kp.metrics import MetricsFile
 from dist_kp.model import build_model, weights_payload
+from dist_kp.tracking import start_tracking
+from dist_kp.preemption import PreemptionHandler
 
 log = logging.getLogger("dist_kp.train")
 
@@ -77,7 +80,9 @@ def finished(progress: TrainProgress, cfg: Config) -> bool:
         cfg.train.max_steps is not None and progress.step >= cfg.train.max_steps)
 
 
-def run(cfg: Config) -> None:
+def run(cfg: Config) -> int:
+    """Train to the end (exit status 0) or until a preemption signal (checkpoint, requeue, status)."""
+    preemption = PreemptionHandler()
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     storage.configure(cfg.checkpoint.storage_options, cfg.checkpoint.timeout_s)
     seed_everything(cfg.train.seed, info.rank)
@@ -85,6 +90,9 @@ def run(cfg: Config) -> None:
     if info.is_main:
         write_config(cfg)
         log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, cfg.output_dir)
+        if "SLURM_JOB_ID" in os.environ:
+            log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
+                     os.environ.get("SLURM_RESTART_COUNT", "0"))
 
     index = train_index(cfg)
     loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device)
@@ -101,12 +109,25 @@ def run(cfg: Config) -> None:
     resumed = resume_training(store, train_state)
     checkpointer = Checkpointer(store, train_state)
     metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
+    tracker = start_tracking(cfg, train_state, metrics)
+    store.on_saved = tracker.checkpoint_saved
     if info.is_main:
         if resumed:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed, progress.step, progress.epoch,
                      progress.batch)
-            metrics.truncate_after(progress.step)
+        # Records past the checkpoint, or of a start killed before its first checkpoint, are redone.
+        metrics.truncate_after(progress.step)
         log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), sampler.batches_per_epoch)
+
+    preempted = False
+
+    def after_step(progress: TrainProgress) -> bool:
+        nonlocal preempted
+        checkpointer.after_step(progress)
+        preempted = preemption.should_stop()
+        if preempted:
+            checkpointer.save(wait=True)
+        return preempted
 
     evaluation_index = val_index(cfg) if cfg.eval.every_epochs or cfg.eval.at_end else None
     evaluated_at = -1
@@ -114,26 +135,35 @@ def run(cfg: Config) -> None:
         sampler.set_epoch(progress.epoch, start_batch=progress.batch)
         stopped = train_one_epoch(
             model, optimizer, scheduler, loader, progress, cfg, info.device, scaler,
-            record=metrics.append if metrics else lambda record: None,
-            after_step=checkpointer.after_step,
+            record=tracker.record,
+            after_step=after_step,
         )
+        if preempted:
+            break
         if progress.batch == sampler.batches_per_epoch:
             progress.epoch += 1
             progress.batch = 0
             checkpointer.save(epoch_end=True)
             if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
-                evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
+                tracker.evaluation(progress.step, evaluate_model(model, cfg, evaluation_index, info.device,
+                                                                 progress.step), evaluation_index)
                 evaluated_at = progress.step
         if stopped:
             break
     checkpointer.save(wait=True)
+    checkpointer.close()
+    if preempted:
+        tracker.finish(preempted=True)
+        return preemption.finish()
     if cfg.eval.at_end and evaluated_at != progress.step:
-        evaluate_model(model, cfg, evaluation_index, info.device, progress.step)
+        tracker.evaluation(progress.step, evaluate_model(model, cfg, evaluation_index, info.device, progress.step),
+                           evaluation_index)
     check_replicas_identical(model)
     if info.is_main:
         save_final_weights(model, cfg, index.meta.to_dict())
         log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)
-    checkpointer.close()
+    tracker.finish()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", error)
         return 2
     try:
-        run(cfg)
+        return run(cfg)
     except storage.StorageError as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 1
@@ -154,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         distributed.cleanup()
-    return 0
 
 
 if __name__ == "__main__":

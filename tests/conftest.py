@@ -117,3 +117,15 @@ def kill_when_logged(process: subprocess.Popen, needle: str, timeout: float = 30
     text = "".join(lines)
     assert pattern.search(text), f"process ended before logging {needle!r}:\n{text[-4000:]}"
     return text
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory):
+    """A one-node SLURM cluster (munged, slurmctld, slurmd) for the session; fails if it cannot start."""
+    from tests.slurm_cluster import start_cluster
+
+    cluster = start_cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

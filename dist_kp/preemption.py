@@ -1,0 +1,73 @@
+"""Preemption: SIGUSR1 / SIGTERM ask for a checkpoint and a clean exit at the next step boundary.
+
+SLURM sends SIGUSR1 before the time limit (`--signal=USR1@120`) or on preemption; some sites
+send only SIGTERM. The handler only sets a flag. After every step all ranks agree on it (one
+tiny all-reduce); then the step is checkpointed, and under SLURM rank 0 requeues the job
+(`scontrol requeue`), so the job comes back and resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from types import FrameType
+
+from dist_kp import distributed
+
+log = logging.getLogger(__name__)
+
+# Exit status of a run stopped by a signal that is not coming back by itself (no SLURM requeue).
+EXIT_PREEMPTED = 143
+
+
+class PreemptionHandler:
+    """Installs the signal handlers and says, on every rank at once, when to stop."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # A second signal (e.g. SIGTERM after SIGUSR1) must not interrupt the save in progress.
+        if self.received is None:
+            self.received = signum
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank when any rank received a signal."""
+        return distributed.any_rank(self.received is not None)
+
+    def finish(self) -> int:
+        """After the checkpoint: requeue the SLURM job (rank 0) and return the exit status."""
+        name = signal.Signals(self.received).name if self.received else "a signal on another rank"
+        job_id = os.environ.get("SLURM_JOB_ID")
+        requeued = False
+        if distributed.is_main_process() and job_id and self._requeue_allowed(job_id):
+            result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            requeued = result.returncode == 0
+            if requeued:
+                log.info("stopped by %s: checkpoint saved, SLURM job %s requeued", name, job_id)
+            else:
+                log.error("stopped by %s: checkpoint saved, but `scontrol requeue %s` failed: %s", name, job_id,
+                          result.stderr.strip())
+        elif distributed.is_main_process():
+            log.warning("stopped by %s: checkpoint saved; start the same command again to resume", name)
+        requeued = bool(distributed.broadcast_object(requeued))
+        return 0 if requeued else EXIT_PREEMPTED
+
+    @staticmethod
+    def _requeue_allowed(job_id: str) -> bool:
+        try:
+            text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
+                                  timeout=60).stdout
+        except (OSError, subprocess.SubprocessError) as error:
+            log.error("cannot ask SLURM about job %s: %s", job_id, error)
+            return False
+        if "Requeue=1" not in text:
+            log.warning("SLURM job %s was submitted without --requeue; not requeueing", job_id)
+            return False
+        return True

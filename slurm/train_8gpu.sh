@@ -1,0 +1,55 @@
+#!/bin/bash
+# dist_kp training on SLURM: one task (worker process) per GPU, started by srun.
+#
+#   sbatch slurm/train_8gpu.sh configs/coco_kp_r50_fpn.yaml optim.lr=0.01
+#   sbatch --nodes=4 slurm/train_8gpu.sh configs/coco_kp_r50_fpn.yaml optim.lr=0.08
+#   CONFIG=configs/coco_kp_r50_fpn.yaml OVERRIDES="train.epochs=2" sbatch slurm/train_8gpu.sh
+#
+# Preemption: SLURM sends SIGUSR1 to every worker 120 s before the time limit (or on
+# preemption); the workers checkpoint at the next step and rank 0 requeues the job, which then
+# resumes from that checkpoint. Resubmitting the same command also resumes (checkpoint.resume=auto).
+#
+# For your site, add or change:
+#   #SBATCH --partition=...        (the GPU partition)
+#   #SBATCH --account=...          (the project to charge)
+#   #SBATCH --constraint=...       (e.g. a GPU model: a100|h100)
+#   container: add --container-image=... --container-mounts=... to the srun line (pyxis/enroot),
+#              or prefix the python command with `apptainer exec --nv dist_kp.sif` (see docker/README.md)
+#   PYTHON:    the interpreter of the environment with dist_kp installed (default: python3 on PATH)
+#SBATCH --job-name=dist_kp
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=10
+#SBATCH --mem=0
+#SBATCH --time=48:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.log
+
+set -euo pipefail
+
+CONFIG=${1:-${CONFIG:-configs/coco_kp_r50_fpn.yaml}}
+[ $# -gt 0 ] && shift
+# Overrides: the script's arguments after the config, then $OVERRIDES (space separated).
+read -r -a ENV_OVERRIDES <<< "${OVERRIDES:-}"
+PYTHON=${PYTHON:-python3}
+
+# Rendezvous: the first host of the allocation, a port derived from the job id.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+# A few OpenMP threads per worker; the data-loader workers (train.workers) use the other CPUs of the task.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# NCCL: report errors instead of hanging; pick the network with NCCL_SOCKET_IFNAME / NCCL_IB_HCA here.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} workers," \
+     "master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}"
+
+# srun (not torchrun) starts the workers, so SLURM's SIGUSR1 reaches every one of them.
+# --kill-on-bad-exit: a worker that fails ends the step at once instead of leaving the others hanging.
+srun --kill-on-bad-exit=1 --cpu-bind=none \
+    "$PYTHON" -m dist_kp.train --config "$CONFIG" "$@" "${ENV_OVERRIDES[@]}"

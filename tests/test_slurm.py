@@ -1,0 +1,157 @@
+"""SLURM: the user's sbatch command, preemption with requeue, submitit, torchrun restarts, crashes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import (
+    REPO,
+    TINY_CONFIG,
+    check,
+    child_env,
+    descendants,
+    run_module,
+    tiny_overrides,
+)
+
+STEPS = 12
+TRAIN = ("train.max_steps=12", "checkpoint.every_steps=50", "eval.every_epochs=0", "train.workers=0",
+         "train.log_every=1")
+SBATCH_CPU = ("--ntasks-per-node=2", "--cpus-per-task=1")
+
+
+def sbatch(slurm, workdir: Path, root: Path, out: Path, *extra: str) -> str:
+    env_export = f"--export=ALL,PYTHON={sys.executable},OMP_NUM_THREADS=1"
+    args = ["sbatch", "--parsable", f"--chdir={workdir}", env_export, *SBATCH_CPU,
+            str(REPO / "slurm" / "train_8gpu.sh"), str(TINY_CONFIG), f"data.root={root}", f"output_dir={out}", *TRAIN,
+            *extra]
+    return slurm.run(*args).stdout.strip().split(";")[0]
+
+
+def job_log(workdir: Path, job_id: str) -> str:
+    path = workdir / f"dist_kp-{job_id}.log"
+    return path.read_text() if path.exists() else ""
+
+
+def wait_for_log(workdir: Path, job_id: str, needle: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = job_log(workdir, job_id)
+        if re.search(needle, text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{needle!r} not in the log of job {job_id} within {timeout} s:\n{job_log(workdir, job_id)[-3000:]}")
+
+
+def final_weights(out: Path) -> dict:
+    return torch.load(out / "model_final.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(slurm, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """The user's command, as typed, run to completion on the cluster."""
+    workdir = tmp_path_factory.mktemp("sbatch")
+    out = workdir / "run"
+    job_id = sbatch(slurm, workdir, synthetic_root, out, "eval.at_end=true")
+    info = slurm.wait_job(job_id, timeout=600)
+    return out, job_id, f"{info.get('JobState')} {info.get('ExitCode')}\n" + job_log(workdir, job_id)
+
+
+def test_sbatch_script_trains_to_completion(uninterrupted) -> None:
+    out, job_id, log = uninterrupted
+    assert log.startswith("COMPLETED 0:0"), log[-3000:]
+    assert (out / "model_final.pt").exists()
+    assert (out / "checkpoints" / f"step_{STEPS:08d}" / "manifest.json").exists()
+    assert "keypoints (OKS):" in log and "Average Precision" in log
+    assert "world size 2" in log and f"SLURM job {job_id}, restart count 0" in log
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_preempted_job_saves_requeues_resumes_and_ends_identical(slurm, uninterrupted, synthetic_root: Path,
+                                                                tmp_path: Path, sig: str) -> None:
+    out = tmp_path / "run"
+    job_id = sbatch(slurm, tmp_path, synthetic_root, out)
+    wait_for_log(tmp_path, job_id, r"\] step 5 ")
+    signalled = time.monotonic()
+    slurm.run("scancel", f"--signal={sig}", job_id)  # as SLURM does before the limit: to the job's steps
+    log = wait_for_log(tmp_path, job_id, r"restart count 1", timeout=300)
+    saved = int(re.search(r"stopped by SIG\w+: checkpoint saved, SLURM job \d+ requeued", log) and
+                re.findall(r"checkpoint step (\d+) saved", log)[-1])
+    wait_for_log(tmp_path, job_id, rf"resumed from .*step_{saved:08d} at step {saved}", timeout=300)
+    training_again = time.monotonic() - signalled
+    info = slurm.wait_job(job_id, timeout=600)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job_log(tmp_path, job_id)[-3000:]
+    assert info.get("Restarts") == "1"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    expected, got = final_weights(uninterrupted[0]), final_weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    print(f"SIG{sig}: resumed from step {saved}; {training_again:.1f} s from signal to training again")
+
+
+def test_submitit_job_completes_on_the_cluster(slurm, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = child_env(**slurm.env)
+    result = check(run_module("launch.submit", [
+        "--config", str(TINY_CONFIG), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
+        "--cpus-per-task", "1", "--time", "20", "--logs", str(tmp_path / "logs"), "--wait",
+        *tiny_overrides(synthetic_root, out, *TRAIN)], env=env, timeout=600))
+    assert re.search(r"submitted job \d+", result.stderr) and "completed" in result.stderr
+    assert (out / "model_final.pt").exists()
+
+
+def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> None:
+    result = run_module("launch.submit", ["--config", str(TINY_CONFIG), "--partition", "no-such-partition",
+                                          "--logs", str(tmp_path / "logs")], env=child_env(**slurm.env))
+    assert result.returncode == 2
+    assert "submission refused" in result.stderr and "partition" in result.stderr.lower()
+
+
+def test_torchrun_restarts_a_killed_worker_and_resumes(synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, out, "train.max_steps=12",
+                                                          "checkpoint.every_steps=3", "train.workers=0",
+                                                          "eval.every_epochs=0", "eval.at_end=false")]
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--max-restarts=1", "-m", "dist_kp.train", *args], cwd=REPO, env=child_env(),
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    lines = []
+    for line in launcher.stderr:
+        lines.append(line)
+        if re.search(r"\] step 7 ", line):
+            workers = [p for p in descendants(launcher.pid)
+                       if "dist_kp.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+            os.kill(workers[-1], signal.SIGKILL)  # one worker dies, as on a failed GPU
+            break
+    log = "".join(lines) + launcher.stderr.read()
+    launcher.wait(timeout=600)
+    assert launcher.returncode == 0, log[-4000:]
+    assert re.search(r"resumed from .*step_00000006 at step 6", log)
+    assert "training finished at step 12" in log
+
+
+def test_a_crash_on_one_rank_ends_every_rank_quickly(synthetic_root: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    victim = sorted((root / "val2017").iterdir())[1]  # evaluated by rank 1 only
+    victim.write_bytes(b"not an image")
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(root, tmp_path / "run", "train.max_steps=2",
+                                                          "train.workers=0", "eval.at_end=true")]
+    started = time.monotonic()
+    result = run_module("dist_kp.train", args, nproc=2, timeout=300)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    assert f"cannot read evaluation image {victim}" in result.stderr
+    assert "[rank1] ERROR" in result.stderr
