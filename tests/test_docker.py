@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ import torch
 import torchvision
 from packaging.requirements import Requirement
 from packaging.version import Version
+
+from dist_kp.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -197,7 +200,6 @@ def test_one_stage_from_the_official_pytorch_cuda_runtime_image_of_the_tested_to
     torch_requirement = next(Requirement(d) for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
     assert image_torch in torch_requirement.specifier, f"image torch {image_torch} outside {torch_requirement}"
     assert image_torch == Version(torch.__version__.split("+")[0]), "the image runs the torch the tests run on"
-    assert torch.version.cuda is None or match.group(2) == torch.version.cuda
 
 
 def test_the_project_is_installed_with_every_runtime_dependency_and_not_the_dev_extra(
@@ -303,3 +305,18 @@ def test_apptainer_definition_bootstraps_from_the_same_image_with_the_same_insta
         exported[name] = re.sub(rf"^\$\{{{name}:-(.*)\}}$", r"\1", value)  # ${NAME:-default}: the host may override
     assert exported == image_env(dockerfile)
     assert all(not SECRET_NAME.search(name) for name in exported)
+
+
+def test_the_container_docs_batch_script_is_valid_bash_requeues_on_preemption_and_names_real_configs(
+        tmp_path: Path) -> None:
+    text = (REPO / "docker" / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.DOTALL)
+    script = next(b for b in blocks if b.startswith("#!/bin/bash"))
+    (tmp_path / "train_container.sh").write_text(script)
+    checked = subprocess.run(["bash", "-n", str(tmp_path / "train_container.sh")], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    assert "#SBATCH --signal=USR1@120" in script and "#SBATCH --requeue" in script
+    assert f'if [ "$status" -eq {EXIT_PREEMPTED} ]; then\n    scontrol requeue "$SLURM_JOB_ID"' in script, \
+        "the batch shell requeues when the workers exit as preempted (no scontrol inside the image)"
+    for config in set(re.findall(r"/opt/dist_kp/(configs/[\w./-]+\.yaml)", text)):
+        assert (REPO / config).is_file(), f"docker/README.md names {config}, which the image does not hold"
