@@ -71,7 +71,11 @@ class S3Server:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "GOMEMLIMIT": "512MiB"})
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def filesystem(self):
         """An s3fs client of this server with the test credentials (no instance cache)."""
