@@ -12,7 +12,8 @@ results.json (COCO results: image_id, category_id, bbox, keypoints, score) for a
 images.json, the COCO "images" list mapping each image id to its source file. Image ids are the
 file names' numbers when every name is a number (COCO style, 000000397133.jpg), else 1, 2, ...
 in input order. Detections scoring below --score-threshold are neither drawn nor written (use a
-low threshold, e.g. 0.05, for a results file meant for evaluation).
+low threshold, e.g. 0.05, for a results file meant for evaluation). Photos are turned upright as
+their EXIF orientation says, unless --ignore-exif.
 
 Exit status: 0 all inputs done; 1 some inputs missing or undecodable (named in the log; the
 others are done); 2 unusable weights, device, output folder or arguments.
@@ -30,12 +31,12 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from torchvision.io import encode_png
+from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.models.detection import KeypointRCNN
 
 from dist_kp import distributed, storage
 from dist_kp.config import ModelConfig
-from dist_kp.data.coco import KeypointMeta, read_image
+from dist_kp.data.coco import KeypointMeta
 from dist_kp.evaluation import outputs_to_results
 from dist_kp.model import build_model
 from dist_kp.visualize import draw_people, skeleton_connectivity
@@ -107,17 +108,24 @@ def gather_inputs(arguments: list[str]) -> tuple[list[str], list[tuple[str, str]
     for argument in arguments:
         try:
             fs, path = storage.url_to_fs(argument)
-            if fs.isdir(path):
-                found = sorted(p for p in fs.ls(path, detail=False) if p.lower().endswith(IMAGE_SUFFIXES))
-                if not found:
-                    failed.append((argument, f"folder has no {'/'.join(IMAGE_SUFFIXES)} files"))
-                prefix = argument.split("://", 1)[0] + "://" if "://" in argument else ""
-                sources += [prefix + p if prefix and not p.startswith(prefix) else p for p in found]
-            else:
+            if not fs.isdir(path):
                 sources.append(argument)
+                continue
+            found = sorted(p for p in fs.ls(path, detail=False) if p.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                failed.append((argument, f"folder has no {'/'.join(IMAGE_SUFFIXES)} files"))
+            # A listing drops the protocol (s3://); local paths stay plain paths.
+            sources += [fs.unstrip_protocol(p) if "://" in argument else p for p in found]
         except Exception as error:  # noqa: BLE001 - one bad argument must not stop the others
             failed.append((argument, f"{type(error).__name__}: {error}"))
     return list(dict.fromkeys(sources)), failed
+
+
+def read_photo(url: str, upright: bool) -> torch.Tensor:
+    """A uint8 RGB tensor [3, H, W]; `upright` turns it as its EXIF orientation says (phone photos)."""
+    with storage.open_url(url, "rb") as f:
+        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
 
 
 def plan_images(sources: list[str]) -> list[InputImage]:
@@ -170,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     images: list[dict[str, Any]] = []
     for item in plan_images(sources):
         try:
-            image = read_image(item.source)
+            image = read_photo(item.source, upright=not args.ignore_exif)
         except FileNotFoundError:
             failed.append((item.source, "file not found"))
             continue
@@ -205,6 +213,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep people scoring at least this (default 0.5)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the GPU when there is one (default)")
+    parser.add_argument("--ignore-exif", action="store_true",
+                        help="use the pixels as stored, not turned upright by the EXIF orientation (as training "
+                             "reads images: for results compared with annotations made on stored pixels)")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_threshold <= 1.0:
         parser.error(f"--score-threshold must be in [0, 1], got {args.score_threshold}")

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.io import decode_image
 
 from dist_kp.config import load_config
 from dist_kp.data.coco import KeypointMeta
 from dist_kp.model import build_model, weights_payload
-from dist_kp.predict import draw_detections, load_predictor, plan_images
-from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
+from dist_kp.predict import draw_detections, load_predictor, plan_images, read_photo
+from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
 
 FIVE_KEYPOINTS = {"category_id": 3, "keypoint_names": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
                   "skeleton": [[1, 2], [1, 3], [1, 4], [4, 5]]}
@@ -39,8 +40,8 @@ def five_keypoint_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def predict(*args: str) -> object:
-    return run_module("dist_kp.predict", [*args, "--device", "cpu"], timeout=300)
+def predict(*args: str, env: dict | None = None) -> object:
+    return run_module("dist_kp.predict", [*args, "--device", "cpu"], timeout=300, env=env)
 
 
 def test_pictures_and_results_of_every_image_and_the_results_evaluate(
@@ -143,3 +144,29 @@ def test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2(tmp_pat
     for weights, message in ((bare, "not a dist_kp weights file"), (tmp_path / "absent.pt", "weights file not found")):
         result = predict("--weights", str(weights), "--images", str(tmp_path), "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and message in result.stderr and str(weights) in result.stderr, result.stderr
+
+
+def test_phone_photos_are_turned_upright_by_their_exif_orientation_unless_asked_not_to(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise
+    Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "phone.jpg", exif=exif)
+    assert read_photo(str(tmp_path / "phone.jpg"), upright=True).shape == (3, 40, 20)
+    assert read_photo(str(tmp_path / "phone.jpg"), upright=False).shape == (3, 20, 40)
+
+
+def test_weights_images_and_output_on_s3(s3_server, five_keypoint_weights: Path, synthetic_root: Path) -> None:
+    bucket = s3_server.create_bucket("predict")
+    fs = s3_server.filesystem()
+    fs.put(str(five_keypoint_weights), f"{bucket}/run/model_final.pt")
+    images = sorted((synthetic_root / "val2017").glob("*.jpg"))[:2]
+    for image in images:
+        fs.put(str(image), f"{bucket}/photos/{image.name}")
+
+    check(predict("--weights", f"s3://{bucket}/run/model_final.pt", "--images", f"s3://{bucket}/photos/",
+                  "--out", f"s3://{bucket}/predictions", "--score-threshold", "0", env=child_env(**s3_server.env())))
+
+    fs.invalidate_cache()
+    written = sorted(name.rsplit("/", 1)[1] for name in fs.ls(f"{bucket}/predictions"))
+    assert written == sorted([*(f"{image.stem}.png" for image in images), "images.json", "results.json"])
+    mapping = json.loads(fs.cat(f"{bucket}/predictions/images.json"))["images"]
+    assert [entry["source"] for entry in mapping] == [f"s3://{bucket}/photos/{image.name}" for image in images]
