@@ -33,6 +33,7 @@ import torch
 from pydantic import ValidationError
 from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.models.detection import KeypointRCNN
+from torchvision.transforms.v2.functional import to_dtype
 
 from dist_kp import distributed, storage
 from dist_kp.config import ModelConfig
@@ -125,7 +126,8 @@ def read_photo(url: str, upright: bool) -> torch.Tensor:
     """A uint8 RGB tensor [3, H, W]; `upright` turns it as its EXIF orientation says (phone photos)."""
     with storage.open_url(url, "rb") as f:
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-    return decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
+    image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
+    return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode as uint16
 
 
 def plan_images(sources: list[str]) -> list[InputImage]:
@@ -136,9 +138,9 @@ def plan_images(sources: list[str]) -> list[InputImage]:
     ids = numbers if coco_style else list(range(1, len(sources) + 1))
     planned, used = [], set()
     for source, stem, image_id in zip(sources, stems, ids):
-        picture = f"{stem}.png"
-        if picture in used:  # the same file name in two folders
-            picture = f"{stem}_{image_id}.png"
+        picture, n = f"{stem}.png", 1
+        while picture in used:  # the same file name in two folders
+            picture, n = f"{stem}_{n}.png", n + 1
         used.add(picture)
         planned.append(InputImage(source, int(image_id), picture))
     return planned
@@ -170,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     log.info("model from %s: %d keypoints, %d skeleton limbs, device %s", args.weights, meta.num_keypoints,
              len(meta.skeleton), device)
     sources, failed = gather_inputs(args.images)
+    for source, reason in failed:
+        log.error("skipped %s: %s", source, reason)
     out = args.out.rstrip("/")
     with storage.named_errors(out):
         fs, path = storage.url_to_fs(out)
@@ -179,11 +183,11 @@ def run(args: argparse.Namespace) -> int:
     for item in plan_images(sources):
         try:
             image = read_photo(item.source, upright=not args.ignore_exif)
-        except FileNotFoundError:
-            failed.append((item.source, "file not found"))
-            continue
         except Exception as error:  # noqa: BLE001 - decoders raise RuntimeError, OSError, ...
-            failed.append((item.source, f"cannot decode: {type(error).__name__}: {error}"))
+            reason = "file not found" if isinstance(error, FileNotFoundError) else \
+                f"cannot decode: {type(error).__name__}: {error}"
+            log.error("skipped %s: %s", item.source, reason)
+            failed.append((item.source, reason))
             continue
         output = detect(model, image, device, args.score_threshold)
         records += outputs_to_results([output], [item.image_id], meta.category_id)
@@ -194,8 +198,6 @@ def run(args: argparse.Namespace) -> int:
                  item.picture)
     write_bytes(f"{out}/results.json", json.dumps(records).encode())
     write_bytes(f"{out}/images.json", json.dumps({"images": images}, indent=1).encode())
-    for source, reason in failed:
-        log.error("skipped %s: %s", source, reason)
     log.info("%d images, %d people (score >= %g); pictures, results.json and images.json in %s", len(images),
              len(records), args.score_threshold, out)
     if failed:

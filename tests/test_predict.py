@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -132,9 +133,9 @@ def test_pictures_join_exactly_the_pairs_of_the_stored_skeleton() -> None:
 def test_image_ids_are_coco_numbers_when_every_name_is_one_else_input_order() -> None:
     coco = plan_images(["a/000000000139.jpg", "b/000000397133.png"])
     assert [(i.image_id, i.picture) for i in coco] == [(139, "000000000139.png"), (397133, "000000397133.png")]
-    mixed = plan_images(["x/17.jpg", "y/17.jpg", "y/cat.jpg"])
-    assert [i.image_id for i in mixed] == [1, 2, 3]
-    assert len({i.picture for i in mixed}) == 3, "the same file name in two folders gets two pictures"
+    mixed = plan_images(["x/17.jpg", "y/17.jpg", "y/17_1.jpg", "y/cat.jpg"])
+    assert [i.image_id for i in mixed] == [1, 2, 3, 4]
+    assert len({i.picture for i in mixed}) == 4, "the same file name in two folders gets two pictures"
 
 
 def test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2(tmp_path: Path) -> None:
@@ -144,6 +145,13 @@ def test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2(tmp_pat
     for weights, message in ((bare, "not a dist_kp weights file"), (tmp_path / "absent.pt", "weights file not found")):
         result = predict("--weights", str(weights), "--images", str(tmp_path), "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and message in result.stderr and str(weights) in result.stderr, result.stderr
+
+
+def test_16_bit_pngs_are_read_as_8_bit_pictures(tmp_path: Path) -> None:
+    depth = (np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)
+    Image.fromarray(depth).save(tmp_path / "scan.png")
+    image = read_photo(str(tmp_path / "scan.png"), upright=True)
+    assert image.dtype == torch.uint8 and image.shape == (3, 30, 40) and int(image.max()) > 200
 
 
 def test_phone_photos_are_turned_upright_by_their_exif_orientation_unless_asked_not_to(tmp_path: Path) -> None:
