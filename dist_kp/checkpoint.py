@@ -17,6 +17,7 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -159,6 +160,8 @@ class CheckpointStore:
         self.protected: set[int] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: concurrent.futures.Future | None = None
+        # Told (step, url) of each stored checkpoint, from the saving thread (W&B gets the URL).
+        self.on_saved: Callable[[int, str], None] | None = None
 
     def step_url(self, step: int) -> str:
         return f"{self.url}/step_{step:08d}"
@@ -220,6 +223,8 @@ class CheckpointStore:
         started = time.perf_counter()
         url = self.write(step, state)
         log.info("checkpoint step %d saved to %s in %.1f s", step, url, time.perf_counter() - started)
+        if self.on_saved is not None:
+            self.on_saved(step, url)
         return url
 
     def raise_pending(self) -> None:

@@ -60,14 +60,15 @@ def draw_people(
 
 
 def titled(image: torch.Tensor, title: str) -> torch.Tensor:
-    """The image with a white band above it holding `title` (uint8 [3, H + band, W])."""
+    """The image with a white band above it holding `title`, one or more lines (uint8 [3, H + band, W])."""
     from PIL import Image, ImageDraw, ImageFont
 
     size = max(10, min(image.shape[2] // 12, 24))
-    band = size + 6
+    band = (size + 3) * (title.count("\n") + 1) + 4
     canvas = Image.new("RGB", (image.shape[2], image.shape[1] + band), "white")
     canvas.paste(Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()), (0, band))
-    ImageDraw.Draw(canvas).text((3, 2), title, fill="black", font=ImageFont.load_default(size=size))
+    ImageDraw.Draw(canvas).multiline_text((3, 2), title, fill="black", font=ImageFont.load_default(size=size),
+                                          spacing=3)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
@@ -98,9 +99,9 @@ def truth_and_prediction(
     truth and prediction hold `boxes` [N, 4] xyxy and `keypoints` [N, K, 3]; prediction also `scores`.
     """
     left = titled(draw_people(image, truth["boxes"], truth["keypoints"], skeleton),
-                  f"{caption} ground truth ({len(truth['boxes'])})".strip())
+                  f"{caption}\nground truth: {len(truth['boxes'])}")
     right = titled(draw_people(image, prediction["boxes"], prediction["keypoints"], skeleton,
-                               prediction.get("scores")), f"prediction ({len(prediction['boxes'])})")
+                               prediction.get("scores")), f"\nprediction: {len(prediction['boxes'])}")
     return tile([left, right], columns=2)
 
 
