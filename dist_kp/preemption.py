@@ -64,6 +64,11 @@ class PreemptionHandler:
         try:
             text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
                                   timeout=60).stdout
+        except FileNotFoundError:
+            # Inside a container without SLURM's tools: the batch script requeues on our exit status.
+            log.warning("scontrol is not available here; exiting with status %d for the batch script to requeue",
+                        EXIT_PREEMPTED)
+            return False
         except (OSError, subprocess.SubprocessError) as error:
             log.error("cannot ask SLURM about job %s: %s", job_id, error)
             return False

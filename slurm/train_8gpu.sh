@@ -13,7 +13,8 @@
 #   #SBATCH --partition=...        (the GPU partition)
 #   #SBATCH --account=...          (the project to charge)
 #   #SBATCH --constraint=...       (e.g. a GPU model: a100|h100)
-#   container: add --container-image=... --container-mounts=... to the srun line (pyxis/enroot),
+#   container: add --container-image=... --container-mounts=... --container-env=OMP_NUM_THREADS,NCCL_DEBUG
+#              to the srun line (pyxis/enroot; --container-env lets this script's values win over the image's),
 #              or prefix the python command with `apptainer exec --nv dist_kp.sif` (see docker/README.md)
 #   PYTHON:    the interpreter of the environment with dist_kp installed (default: python3 on PATH)
 #SBATCH --job-name=dist_kp
