@@ -38,7 +38,7 @@ from dist_kp.data.loaders import join
 from dist_kp.evaluation import EvalOutput
 from dist_kp.metrics import MetricsFile
 from dist_kp.report import PICTURES_FILE
-from dist_kp.visualize import people_from_results, tile, truth_and_prediction
+from dist_kp.visualize import pad_to, people_from_results, tile, truth_and_prediction
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,9 @@ class Tracker(NoTracking):
         if pictures and self.run is not None:
             import wandb
 
-            data["predictions"] = [wandb.Image(p.permute(1, 2, 0).numpy(), caption=caption)
+            # W&B shows the images of one key in a strip: they must share one size.
+            height, width = max(p.shape[1] for _, p in pictures), max(p.shape[2] for _, p in pictures)
+            data["predictions"] = [wandb.Image(pad_to(p, height, width).permute(1, 2, 0).numpy(), caption=caption)
                                    for caption, p in pictures]
         self._log(data, step)
 

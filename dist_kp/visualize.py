@@ -90,6 +90,13 @@ def tile(images: Sequence[torch.Tensor], columns: int, gap: int = 6) -> torch.Te
     return canvas
 
 
+def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The image at the top left of a white canvas of at least height x width."""
+    canvas = torch.full((3, max(height, image.shape[1]), max(width, image.shape[2])), 255, dtype=torch.uint8)
+    canvas[:, :image.shape[1], :image.shape[2]] = image
+    return canvas
+
+
 def truth_and_prediction(
     image: torch.Tensor, truth: dict[str, torch.Tensor], prediction: dict[str, torch.Tensor],
     skeleton: Sequence[Sequence[int]], caption: str = "",
