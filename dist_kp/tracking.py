@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -146,6 +148,7 @@ class Tracker(NoTracking):
         self.resume_after = resume_after
         self.run: Any = None
         self._saved: list[tuple[int, str]] = []
+        self._saved_lock = threading.Lock()  # the checkpoint thread adds, this one takes
         self._skipped_logged = False
         if run_id and cfg.tracking.mode != "disabled":
             self.run = self._guard("init", self._init)
@@ -154,15 +157,17 @@ class Tracker(NoTracking):
         import wandb
 
         t = self.cfg.tracking
+        # WANDB_MODE, when set, wins over the config, as W&B users expect (offline on nodes without internet).
+        mode = os.environ.get("WANDB_MODE") or t.mode
         config = redact(self.cfg.model_dump(mode="json"))
         config["world_size"] = distributed.get_world_size()
         with redacted_argv():
             run = wandb.init(
-                id=self.run_id, resume="allow", mode=t.mode, project=t.project, entity=t.entity,
+                id=self.run_id, resume="allow", mode=mode, project=t.project, entity=t.entity,
                 name=t.name or self.cfg.output_dir.rstrip("/").rsplit("/", 1)[-1], group=t.group,
                 tags=t.tags or None, notes=t.notes, job_type="train", config=config,
             )
-        log.info("W&B run %s (%s, project %s)%s", self.run_id, t.mode, t.project,
+        log.info("W&B run %s (%s, project %s)%s", self.run_id, mode, t.project,
                  f", resuming after step {self.resume_after}" if self.resume_after else "")
         return run
 
@@ -188,9 +193,10 @@ class Tracker(NoTracking):
 
     def _checkpoint_fields(self) -> dict[str, Any]:
         """The newest checkpoint saved since the last call, for the next history row and the summary."""
-        if not self._saved:
+        with self._saved_lock:
+            saved, self._saved = self._saved, []
+        if not saved:
             return {}
-        saved, self._saved = self._saved, []
         step, url = saved[-1]
         if self.run is not None:
             self._guard("summary", lambda: self.run.summary.update({"checkpoint/step": step, "checkpoint/url": url}))
@@ -204,7 +210,8 @@ class Tracker(NoTracking):
 
     def checkpoint_saved(self, step: int, url: str) -> None:
         """Note a stored checkpoint (called from the checkpoint thread); its URL goes to W&B, not its bytes."""
-        self._saved.append((step, url))
+        with self._saved_lock:
+            self._saved.append((step, url))
 
     def evaluation(self, step: int, output: EvalOutput, index: KeypointIndex) -> None:
         """AP summaries to W&B; pictures of a fixed set of validation images to PNG (and W&B)."""

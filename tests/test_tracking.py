@@ -227,11 +227,29 @@ def test_unreachable_wandb_server_does_not_stop_training_and_warns_once(syntheti
         synthetic_root, out, "tracking.mode=online", "train.max_steps=3", "train.workers=0", "eval.every_epochs=0",
         "eval.at_end=false")]
     env = wandb_env(tmp_path / "wandb", WANDB_INIT_TIMEOUT="5", WANDB__GRAPHQL_RETRY_MAX="1")
+    env["WANDB_MODE"] = "online"
     result = check(run_module("dist_kp.train", args, env=env, timeout=300))
     warnings = re.findall(r"WARNING dist_kp.tracking: W&B .* failed", result.stderr)
     assert len(warnings) == 1, result.stderr[-4000:]
     assert sorted(metrics_records(out)) == [1, 2, 3]
     assert "training finished at step 3" in result.stderr
+
+
+def test_wandb_mode_in_the_environment_overrides_the_config(tmp_path: Path, monkeypatch) -> None:
+    from dist_kp.metrics import MetricsFile
+    from dist_kp.tracking import Tracker
+
+    for key, value in wandb_env(tmp_path / "wandb").items():
+        if key.startswith("WANDB_"):
+            monkeypatch.setenv(key, value)
+    (tmp_path / "run").mkdir()
+    cfg = load_config(TINY_CONFIG, [f"output_dir={tmp_path / 'run'}", "tracking.mode=online"])
+    tracker = Tracker(cfg, MetricsFile(str(tmp_path / "run" / "metrics.jsonl")), run_id="envmode1")
+    assert tracker.run is not None and tracker.run.settings.mode == "offline"
+    tracker.record({"step": 1, "train/loss": 2.5})
+    tracker.finish()
+    (run,) = offline_runs(tmp_path / "wandb")
+    assert run.run_id == "envmode1" and run.rows_with("train/loss")[1]["train/loss"] == 2.5
 
 
 def test_api_key_in_the_config_is_refused_without_echoing_it() -> None:
