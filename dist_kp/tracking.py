@@ -247,8 +247,11 @@ class Tracker(NoTracking):
                                  truth_and_prediction(image, truth, prediction, index.meta.skeleton,
                                                       f"image {image_id}")))
             if pictures:
-                with storage.named_errors(url), storage.open_url(url, "wb") as f:
-                    f.write(encode_png(tile([p for _, p in pictures], columns=1)).numpy().tobytes())
+                with storage.named_errors(url):
+                    fs, path = storage.url_to_fs(url)
+                    fs.makedirs(fs._parent(path), exist_ok=True)
+                    with fs.open(path, "wb") as f:
+                        f.write(encode_png(tile([p for _, p in pictures], columns=1)).numpy().tobytes())
             return pictures
         except Exception as error:  # noqa: BLE001 - pictures are a view of the run, never a reason to stop it
             log.warning("prediction pictures for step %d not drawn: %s: %s", step, type(error).__name__, error)
