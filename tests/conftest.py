@@ -32,15 +32,19 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def module_command(module: str, args: list[str], nproc: int = 1, torchrun_args: tuple[str, ...] = ()) -> list[str]:
+    """`python -m module args` alone (nproc=1) or under torchrun with nproc processes."""
+    if nproc == 1 and not torchrun_args:
+        return [sys.executable, "-m", module, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *torchrun_args, "-m", module, *args]
+
+
 def run_module(module: str, args: list[str], nproc: int = 1, timeout: float = 600, env: dict | None = None,
                torchrun_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Run `python -m module args` alone (nproc=1) or under torchrun with nproc processes."""
-    if nproc == 1 and not torchrun_args:
-        cmd = [sys.executable, "-m", module, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               *torchrun_args, "-m", module, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
+    """Run a module to completion (see module_command), capturing its output."""
+    return subprocess.run(module_command(module, args, nproc, torchrun_args), cwd=REPO, env=env or child_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -60,13 +64,10 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
         server.stop()
 
 
-def start_module(module: str, args: list[str], nproc: int = 1, env: dict | None = None,
-                 log_path: Path | None = None) -> subprocess.Popen:
-    """Start `python -m module` (under torchrun when nproc > 1) in its own process group."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, "-m", module, *args] if nproc > 1 else [sys.executable, "-m", module, *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env or child_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_module(module: str, args: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.Popen:
+    """Start a module (see module_command) in its own session, its log readable from stderr."""
+    return subprocess.Popen(module_command(module, args, nproc), cwd=REPO, env=env or child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def descendants(pid: int) -> list[int]:

@@ -20,6 +20,7 @@ from tests.conftest import (
     check,
     child_env,
     descendants,
+    module_command,
     run_module,
     tiny_overrides,
 )
@@ -122,9 +123,9 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(synthetic_root: Path, tmp
     args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, out, "train.max_steps=12",
                                                           "checkpoint.every_steps=3", "train.workers=0",
                                                           "eval.every_epochs=0", "eval.at_end=false")]
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 "--max-restarts=1", "-m", "dist_kp.train", *args], cwd=REPO, env=child_env(),
-                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    launcher = subprocess.Popen(module_command("dist_kp.train", args, nproc=2, torchrun_args=("--max-restarts=1",)),
+                                cwd=REPO, env=child_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                start_new_session=True)
     lines = []
     for line in launcher.stderr:
         lines.append(line)
