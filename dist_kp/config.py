@@ -52,7 +52,7 @@ class DataConfig(Section):
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip in training.")
     prefetch_factor: int = Field(2, ge=1, description="Batches each data-loader worker prepares ahead.")
     cache_dir: str | None = Field(
-        None, description="Where the compact annotation index is cached (node-local); default: a temp dir."
+        None, description="Node-local folder for the annotation index cache; null: $TMPDIR/dist_kp_index-<uid>."
     )
 
 

@@ -186,3 +186,5 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else logging.WARNING)
+    # Whichever rank wins the node's lock builds the index cache: that one line is logged by any rank.
+    logging.getLogger("dist_kp.data.index_cache").setLevel(level)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_image, read_file
 
 from dist_kp import storage
 from dist_kp.data.transforms import horizontal_flip, sample_generator
@@ -57,17 +59,55 @@ class KeypointMeta:
         return {"category_id": self.category_id, "keypoint_names": self.keypoint_names, "skeleton": self.skeleton}
 
 
+class PackedStrings(Sequence[str]):
+    """Strings stored as one UTF-8 byte array plus offsets (memory-mappable, no object per string)."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob = blob  # uint8 [total bytes]
+        self.offsets = offsets  # int64 [N+1]
+
+    @classmethod
+    def pack(cls, strings: Sequence[str]) -> PackedStrings:
+        encoded = [s.encode("utf-8") for s in strings]
+        offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = operator.index(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"string {i} out of range for {len(self)}")
+        return self.blob[int(self.offsets[i]):int(self.offsets[i + 1])].tobytes().decode("utf-8")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"PackedStrings({len(self)} strings)"
+
+
 @dataclass
 class KeypointIndex:
     """Images and person annotations of one annotation file, as arrays.
 
     Annotations of image i are rows ann_offsets[i]:ann_offsets[i+1]. Boxes are COCO xywh.
+    An index loaded from the cache (dist_kp.data.index_cache) holds read-only memory-mapped
+    arrays shared by every process of the node, plus precomputed training positions.
     """
 
     source: str
     meta: KeypointMeta
     image_ids: np.ndarray  # int64 [I]
-    file_names: list[str]
+    file_names: Sequence[str]  # list[str], or PackedStrings when loaded from the cache
     widths: np.ndarray  # int32 [I]
     heights: np.ndarray  # int32 [I]
     ann_offsets: np.ndarray  # int64 [I+1]
@@ -76,16 +116,36 @@ class KeypointIndex:
     iscrowd: np.ndarray  # uint8 [A]
     areas: np.ndarray  # float64 [A]
     ann_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [A]
+    trainable: dict[int, np.ndarray] = field(default_factory=dict)  # min_visible_keypoints -> positions
+    precomputed_aspect_ratios: np.ndarray | None = None  # float64 [I], from the cache
+    cache_path: str | None = None  # the cache entry the arrays are mapped from
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self.cache_path is None:
+            return super().__reduce_ex__(protocol)
+        # Workers started by spawn/forkserver map the same files instead of receiving copies.
+        return _reopen_cached, (self.cache_path, self.source, tuple(self.trainable))
 
     def annotation_rows(self, i: int) -> slice:
         return slice(int(self.ann_offsets[i]), int(self.ann_offsets[i + 1]))
 
     @property
     def aspect_ratios(self) -> np.ndarray:
+        if self.precomputed_aspect_ratios is not None:
+            return self.precomputed_aspect_ratios
         return self.widths.astype(np.float64) / self.heights.astype(np.float64)
+
+
+def _reopen_cached(path: str, source: str, trainable: tuple[int, ...]) -> KeypointIndex:
+    from dist_kp.data.index_cache import open_entry
+
+    index = open_entry(path, source, trainable)
+    if index is None:
+        raise DataError(f"index cache entry {path} of {source} is gone or damaged")
+    return index
 
 
 def _keypoint_category(data: dict[str, Any], source: str) -> KeypointMeta:
@@ -192,22 +252,37 @@ def build_target(index: KeypointIndex, i: int, train: bool) -> dict[str, torch.T
 
 
 def trainable_images(index: KeypointIndex, min_visible_keypoints: int) -> np.ndarray:
-    """Positions of images with at least one usable person and enough visible keypoints."""
-    keep = []
-    for i in range(len(index)):
-        target = build_target(index, i, train=True)
-        if len(target["boxes"]) == 0:
-            continue
-        if int((target["keypoints"][..., 2] > 0).sum()) >= min_visible_keypoints:
-            keep.append(i)
-    return np.asarray(keep, np.int64)
+    """Positions of images whose training target has at least one box and enough visible keypoints.
+
+    Taken from the cache when it holds them, else computed over all annotations at once with
+    build_target's rules (crowd and boxes empty after clamping dropped).
+    """
+    cached = index.trainable.get(min_visible_keypoints)
+    if cached is not None:
+        return cached
+    counts = np.diff(index.ann_offsets)
+    image_of = np.repeat(np.arange(len(index)), counts)
+    x, y, w, h = (index.boxes[:, k] for k in range(4))
+    width, height = index.widths[image_of], index.heights[image_of]
+    usable = (index.iscrowd == 0) & (
+        (x + w).clip(0, width) > x.clip(0, width)) & ((y + h).clip(0, height) > y.clip(0, height))
+    visible = (index.keypoints[:, :, 2].astype(np.float32) > 0).sum(axis=1)
+    boxes_kept = np.bincount(image_of[usable], minlength=len(index))
+    visible_kept = np.bincount(image_of[usable], weights=visible[usable], minlength=len(index))
+    return np.flatnonzero((boxes_kept > 0) & (visible_kept >= min_visible_keypoints)).astype(np.int64)
 
 
 def read_image(url: str) -> torch.Tensor:
-    """Decode a JPEG/PNG (local path or fsspec URL) to a uint8 RGB tensor [3, H, W]."""
-    with storage.open_url(url, "rb") as f:
-        data = f.read()
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    """Decode a JPEG/PNG (local path or fsspec URL) to a uint8 RGB tensor [3, H, W].
+
+    A local file is read straight into a tensor; a URL is fetched whole in one request.
+    """
+    if "://" not in url or url.startswith("file://"):
+        data = read_file(url.removeprefix("file://"))
+    else:
+        fs, path = storage.url_to_fs(url)
+        data = torch.frombuffer(bytearray(fs.cat_file(path)), dtype=torch.uint8)
+    return decode_image(data, mode=ImageReadMode.RGB)
 
 
 class SampleKey(NamedTuple):

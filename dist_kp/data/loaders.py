@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 
+from dist_kp import storage
 from dist_kp.config import Config
-from dist_kp.data.coco import KeypointDataset, KeypointIndex, collate, load_index
+from dist_kp.data.coco import KeypointDataset, KeypointIndex, collate
+from dist_kp.data.index_cache import cached_index
 from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
 
 
@@ -16,22 +21,34 @@ def join(root: str, path: str) -> str:
     return f"{root.rstrip('/')}/{path}"
 
 
+def _configure_worker_storage(options: dict[str, Any], timeout_s: float, worker_id: int) -> None:
+    storage.configure(options, timeout_s)
+
+
 def _loader_options(cfg: Config, device: torch.device) -> dict:
     workers = cfg.train.workers
     options = {"num_workers": workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
                # Worker seeds come from this generator, not the global RNG that checkpoints restore.
                "generator": torch.Generator().manual_seed(cfg.train.seed)}
     if workers > 0:
-        options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor)
+        options.update(
+            persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor,
+            # Workers started by spawn/forkserver do not inherit the storage options set in this process.
+            worker_init_fn=functools.partial(_configure_worker_storage, dict(cfg.checkpoint.storage_options),
+                                             cfg.checkpoint.timeout_s),
+        )
     return options
 
 
 def train_index(cfg: Config) -> KeypointIndex:
-    return load_index(join(cfg.data.root, cfg.data.train_annotations))
+    """The training index from the node's cache, with the positions that pass data.min_visible_keypoints."""
+    return cached_index(join(cfg.data.root, cfg.data.train_annotations), cfg.data.cache_dir,
+                        cfg.data.min_visible_keypoints)
 
 
 def val_index(cfg: Config) -> KeypointIndex:
-    return load_index(join(cfg.data.root, cfg.data.val_annotations))
+    """The validation index from the node's cache (every image kept)."""
+    return cached_index(join(cfg.data.root, cfg.data.val_annotations), cfg.data.cache_dir)
 
 
 def build_train_loader(
