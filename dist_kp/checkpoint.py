@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import subprocess
 import time
@@ -107,9 +106,11 @@ class TrainState:
     tracking_run_id: str = ""
     versions: dict[str, str] = field(default_factory=versions)
 
-    def capture(self, epoch_end: bool = False) -> dict[str, Any]:
-        """A CPU snapshot (collective: every rank contributes its RNG states; rank 0 gets them all)."""
+    def capture(self, epoch_end: bool = False) -> dict[str, Any] | None:
+        """A CPU snapshot on rank 0, None elsewhere (collective: every rank hands over its RNG states)."""
         rng = distributed.gather_objects(rng_state())
+        if not distributed.is_main_process():
+            return None  # DDP replicas are identical: only rank 0 pays for the copy
         return cpu_copy({
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -156,7 +157,6 @@ class CheckpointStore:
         self.url = f"{output_dir.rstrip('/')}/checkpoints"
         self.cfg = cfg
         self.fs, self.path = storage.url_to_fs(self.url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.protected: set[int] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: concurrent.futures.Future | None = None
@@ -179,24 +179,6 @@ class CheckpointStore:
             raise storage.explain(error, self.url) from error
         return sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())
 
-    def _write(self, path: str, data: bytes) -> None:
-        if self.local:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            return
-        f = self.fs.open(path, "wb")
-        try:
-            f.write(data)
-        except BaseException:
-            # Closing would upload what was written so far: a truncated object.
-            f.discard()
-            raise
-        f.close()
-
     def write(self, step: int, state: dict[str, Any]) -> str:
         """Serialize and store one checkpoint, manifest last; then prune. Returns its URL."""
         buffer = io.BytesIO()
@@ -206,16 +188,19 @@ class CheckpointStore:
         manifest = {"step": step, "epoch": state["progress"]["epoch"], "epoch_end": state["epoch_end"],
                     "created": time.time(), "files": {STATE_FILE: {"size": len(data), "sha256": _sha256(data)}}}
         try:
-            self.fs.makedirs(folder, exist_ok=True)
-            self._write(f"{folder}/{STATE_FILE}", data)
-            self._write(f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+            # The manifest goes last: until it is stored the folder is not a checkpoint.
+            storage.write_file(self.fs, f"{folder}/{STATE_FILE}", data)
+            storage.write_file(self.fs, f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         except Exception as error:  # noqa: BLE001
             raise storage.explain(error, self.step_url(step)) from error
         self.prune()
         return self.step_url(step)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        """Write `state` (a CPU snapshot) in the background, after the save in flight; rank 0 only."""
+        """Write `state` (a CPU snapshot) in the background; rank 0 only.
+
+        Waits for the save in flight first (at most one), raising its error as CheckpointError.
+        """
         self.wait()
         self._pending = self._pool.submit(self._write_logged, step, state)
 
@@ -295,17 +280,43 @@ class CheckpointStore:
         return None
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` valid checkpoints, the protected one and every K-th epoch end."""
-        valid = [(s, m) for s in self.steps() if (m := self.manifest(s)) is not None]
+        """Keep the newest `keep_last` valid checkpoints, the protected one and every K-th epoch end.
+
+        Partial folders older than the newest valid checkpoint (left by a killed save) go too.
+        """
+        steps = self.steps()
+        manifests = {s: self.manifest(s) for s in steps}
+        valid = [(s, m) for s, m in manifests.items() if m is not None]
+        if not valid:
+            return
         keep = {s for s, _ in valid[-self.cfg.keep_last:]} | self.protected
         if self.cfg.keep_every_epochs:
             keep |= {s for s, m in valid if m["epoch_end"] and m["epoch"] % self.cfg.keep_every_epochs == 0}
-        for step, _ in valid:
-            if step not in keep:
+        newest = valid[-1][0]
+        for step in steps:
+            if step not in keep and (manifests[step] is not None or step < newest):
                 self.fs.rm(self._step_path(step), recursive=True)
 
+    def abort_unfinished_uploads(self) -> int:
+        """Object stores: abort multipart uploads left under checkpoints/ by a killed or failed save.
+
+        They are invisible (not checkpoints) but stored and billed. Call only while no save of
+        this run is in flight (rank 0 at start). Returns how many were aborted.
+        """
+        if not hasattr(self.fs, "abort_mpu"):  # s3fs only
+            return 0
+        bucket, _, prefix = self.path.partition("/")
+        with storage.named_errors(self.url):
+            uploads = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])
+            for upload in uploads:
+                self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
+        if uploads:
+            log.info("aborted %d unfinished uploads under %s (left by an interrupted save)", len(uploads), self.url)
+        return len(uploads)
+
     def resolve(self, resume: str) -> tuple[str, dict[str, Any]] | None:
-        """The checkpoint to resume from per checkpoint.resume (auto, none, or a URL)."""
+        """The checkpoint to resume from per checkpoint.resume (auto, none, or a URL); rank 0, at start."""
+        self.abort_unfinished_uploads()
         if resume == "none":
             if self.steps() and not self.cfg.overwrite:
                 raise CheckpointError(

@@ -143,7 +143,10 @@ class CheckpointConfig(Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="Non-secret fsspec options (e.g. endpoint_url, region)."
     )
-    timeout_s: float = Field(60.0, gt=0.0, description="Bound on one object-store request (connect/read).")
+    timeout_s: float = Field(
+        60.0, gt=0.0, description="Seconds an object-store request may wait for the server (connect: at most 10);"
+        " 4 attempts per request."
+    )
 
     @model_validator(mode="after")
     def _no_secrets(self) -> CheckpointConfig:

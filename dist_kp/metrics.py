@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 from dist_kp import storage
@@ -23,16 +22,15 @@ class MetricsFile:
     def __init__(self, url: str) -> None:
         self.url = url
         self.fs, self.path = storage.url_to_fs(url)
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = storage.is_local(self.fs)
         self.records: list[dict[str, Any]] = []
-        if self.fs.exists(self.path):
-            with self.fs.open(self.path, "r") as f:
-                for number, line in enumerate(f, 1):
-                    try:
-                        self.records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        log.warning("%s line %d is cut off (the run was killed while writing it); dropped",
-                                    url, number)
+        with storage.named_errors(url):
+            lines = self.fs.cat_file(self.path).decode().splitlines() if self.fs.exists(self.path) else []
+        for number, line in enumerate(lines, 1):
+            try:
+                self.records.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s line %d is cut off (the run was killed while writing it); dropped", url, number)
 
     def truncate_after(self, step: int) -> None:
         """Forget records past `step` (a resumed run logs those steps again)."""
@@ -49,12 +47,5 @@ class MetricsFile:
 
     def _rewrite(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        self.fs.makedirs(self.fs._parent(self.path), exist_ok=True)
-        if self.local:
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-            return
-        with self.fs.open(self.path, "w") as f:
-            f.write(text)
+        with storage.named_errors(self.url):
+            storage.write_file(self.fs, self.path, text.encode())

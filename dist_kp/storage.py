@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,13 +34,33 @@ def configure(storage_options: dict[str, Any], timeout_s: float) -> None:
     _timeout_s = timeout_s
 
 
+# Attempts per S3 request: botocore's (total_max_attempts) times s3fs's own retry loop.
+BOTOCORE_ATTEMPTS = 2
+S3FS_ATTEMPTS = 2
+
+
+def _socket_with_send_timeout(addr_info: tuple) -> socket.socket:
+    """A TCP socket that gives up when sent data stays unacknowledged for the request timeout.
+
+    aiohttp bounds connecting and reading but not sending: an upload larger than the socket
+    buffers to a server that accepts but stops reading (frozen, overloaded) waits forever.
+    """
+    family, kind, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=kind, proto=proto)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(_timeout_s * 1000))
+    return sock
+
+
 def _s3_options() -> dict[str, Any]:
     import s3fs
 
-    # Bounded retries: s3fs otherwise retries a dead endpoint for minutes.
-    s3fs.S3FileSystem.retries = 2
+    # Bounded retries: s3fs otherwise retries a dead endpoint for minutes (a class attribute:
+    # the constructor refuses `retries=`).
+    s3fs.S3FileSystem.retries = S3FS_ATTEMPTS
     config = {"connect_timeout": min(_timeout_s, 10.0), "read_timeout": _timeout_s,
-              "retries": {"max_attempts": 2, "mode": "standard"}}
+              "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"}}
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        config["connector_args"] = {"socket_factory": _socket_with_send_timeout}
     options: dict[str, Any] = {"config_kwargs": config}
     client_kwargs = dict(_options.get("client_kwargs", {}))
     endpoint = _options.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL") \
@@ -75,6 +96,47 @@ def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url, **(_options if protocol != "file" else {}))
 
 
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for the local file system (rename is atomic there; object stores have no rename)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Store `data` at `path` whole or not at all: no reader ever sees a truncated file.
+
+    Local: write a temporary file in the same folder, fsync, rename over `path`. Object stores
+    show an object only when its upload completes; on an error the upload is discarded, since
+    closing the writer would publish what was written so far.
+    """
+    if is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    f = fs.open(path, "wb")
+    try:
+        f.write(data)
+    except BaseException:
+        f.discard()
+        raise
+    f.close()
+
+
+def write_url(url: str, data: bytes) -> None:
+    """`write_file` for a local path or URL; errors become a StorageError naming `url`."""
+    with named_errors(url):
+        fs, path = url_to_fs(url)
+        write_file(fs, path, data)
+
+
 def open_url(url: str, mode: str = "rb") -> Any:
     """Open a local path or URL (a context manager, as fsspec's open)."""
     fs, path = url_to_fs(url)
@@ -100,7 +162,8 @@ def explain(error: BaseException, url: str) -> StorageError:
         hint = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the AWS profile) for it"
     elif "EndpointConnectionError" in text or "ConnectTimeout" in text or "ReadTimeout" in text \
             or "Could not connect" in text:
-        hint = f"storage endpoint not reachable within {_timeout_s:.0f} s (check AWS_ENDPOINT_URL and the server)"
+        hint = (f"storage endpoint not reachable (no answer within {_timeout_s:.0f} s per attempt, "
+                f"{BOTOCORE_ATTEMPTS * S3FS_ATTEMPTS} attempts; check AWS_ENDPOINT_URL and the server)")
     elif isinstance(error, FileNotFoundError):
         hint = "not found"
     else:

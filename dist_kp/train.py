@@ -13,6 +13,7 @@ Running the same command again resumes from the newest valid checkpoint in OUTPU
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import random
@@ -60,18 +61,15 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def write_config(cfg: Config) -> None:
-    with storage.named_errors(cfg.output_dir):
-        fs, path = storage.url_to_fs(cfg.output_dir)
-        fs.makedirs(path, exist_ok=True)
-        with fs.open(f"{path}/config.yaml", "w") as f:
-            f.write(config_to_yaml(cfg))
+    storage.write_url(f"{cfg.output_dir.rstrip('/')}/config.yaml", config_to_yaml(cfg).encode())
 
 
 def save_final_weights(model: torch.nn.Module, cfg: Config, keypoint_meta: dict) -> None:
     """OUTPUT_DIR/model_final.pt: the state dict plus what inference needs to rebuild the model."""
     url = f"{cfg.output_dir.rstrip('/')}/model_final.pt"
-    with storage.open_url(url, "wb") as f:
-        torch.save(weights_payload(model, cfg.model, keypoint_meta), f)
+    buffer = io.BytesIO()
+    torch.save(weights_payload(model, cfg.model, keypoint_meta), buffer)
+    storage.write_url(url, buffer.getvalue())
     log.info("final weights written to %s", url)
 
 

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import pickle
+import re
+import signal
 import time
 from pathlib import Path
 
@@ -149,8 +151,39 @@ def test_keep_last_prunes_old_checkpoints_but_not_the_resumed_one(tmp_path: Path
     store = make_store(tmp_path, keep_last=2)
     store.protected.add(1)
     for step in (1, 2, 3, 4):
-        store.write(step, {"progress": {"epoch": 0, "batch": step, "step": step}, "epoch_end": False})
+        store.write(step, tiny_state(step))
     assert store.steps() == [1, 3, 4]
+
+
+def tiny_state(step: int, epoch: int = 0, epoch_end: bool = False) -> dict:
+    return {"progress": {"epoch": epoch, "batch": step, "step": step}, "epoch_end": epoch_end,
+            "weights": torch.full((4,), float(step))}
+
+
+def test_keep_every_epochs_also_keeps_those_epoch_end_checkpoints(tmp_path: Path) -> None:
+    store = make_store(tmp_path, keep_last=1, keep_every_epochs=2)
+    for step, epoch in ((3, 1), (6, 2), (9, 3), (12, 4)):
+        store.write(step, tiny_state(step, epoch, epoch_end=True))
+    store.write(13, tiny_state(13, 4))
+    assert store.steps() == [6, 12, 13]
+
+
+def test_pruning_removes_partial_folders_older_than_the_newest_checkpoint(tmp_path: Path) -> None:
+    store = make_store(tmp_path, keep_last=2)
+    store.write(2, tiny_state(2))
+    (tmp_path / "checkpoints" / "step_00000003").mkdir()
+    (tmp_path / "checkpoints" / "step_00000003" / "state.pt").write_bytes(b"cut off by a kill")
+    store.write(4, tiny_state(4))
+    assert store.steps() == [2, 4]
+
+
+def test_a_failed_background_save_is_raised_by_the_next_save(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").write_text("a file where the checkpoint folder should be")
+    store = make_store(tmp_path)
+    store.save(1, tiny_state(1))  # returns at once; the write fails in the background
+    with pytest.raises(CheckpointError, match="checkpoints/step_00000001"):
+        store.save(2, tiny_state(2))
+    store.wait()  # the failed save was reported once; nothing is in flight
 
 
 def secrets_in_tree(root: Path) -> list[str]:
@@ -195,7 +228,16 @@ def test_s3_bad_credentials_fail_fast_naming_the_url(s3_server, synthetic_root: 
     assert "wrong-secret" not in result.stderr
 
 
-def test_s3_stopped_server_fails_in_bounded_time_and_keeps_the_last_checkpoint(
+def read_until(process, needle: str, lines: list[str], timeout: float = 300) -> None:
+    """Collect the process's log lines into `lines` until one matches `needle` (or the log ends)."""
+    deadline = time.monotonic() + timeout
+    for line in process.stderr:
+        lines.append(line)
+        if re.search(needle, line) or time.monotonic() > deadline:
+            return
+
+
+def test_s3_server_frozen_or_stopped_fails_in_bounded_time_and_keeps_the_last_checkpoint(
     tmp_path: Path, synthetic_root: Path
 ) -> None:
     from tests.s3_server import start_server
@@ -206,17 +248,33 @@ def test_s3_stopped_server_fails_in_bounded_time_and_keeps_the_last_checkpoint(
         bucket = server.create_bucket("stopped")
         out = f"s3://{bucket}/run"
         env = s3_env(server)
-        first = start_module("dist_kp.train", train_args(synthetic_root, out, 0), env=env)
-        kill_when_logged(first, r"checkpoint step 4 saved")
+        args = [*train_args(synthetic_root, out, 0), "checkpoint.timeout_s=2"]
+        run = start_module("dist_kp.train", args, env=env)
+        lines: list[str] = []
+        read_until(run, r"checkpoint step 4 saved", lines)
+        # Frozen: the server accepts connections but never answers (writes used to hang forever).
+        os.kill(server.process.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        read_until(run, r"(?!)", lines)
+        assert run.wait(timeout=60) != 0 and time.monotonic() - frozen < 120
+        log = "".join(lines)
+        assert "not reachable" in log and out in log, log[-3000:]
+        os.kill(server.process.pid, signal.SIGCONT)
+        saved = [int(n) for n in re.findall(r"checkpoint step (\d+) saved", log)]
+        # Stopped: connections refused; the same command fails at once, naming the URL.
         server.stop()
         started = time.monotonic()
-        result = run_module("dist_kp.train", train_args(synthetic_root, out, 0), env=env, timeout=300)
-        elapsed = time.monotonic() - started
-        assert result.returncode != 0 and elapsed < 120, elapsed
-        assert "not reachable" in result.stderr and f"s3://{bucket}/run" in result.stderr
+        result = run_module("dist_kp.train", args, env=env, timeout=300)
+        assert result.returncode != 0 and time.monotonic() - started < 120
+        assert "not reachable" in result.stderr and out in result.stderr
         server.start()
         os.environ.update(server.env())
-        url, state = CheckpointStore(out, CheckpointConfig()).latest()
-        assert url.endswith("step_00000004") and state["progress"]["step"] == 4
+        store = CheckpointStore(out, CheckpointConfig())
+        url, state = store.latest()
+        assert url.endswith(f"step_{saved[-1]:08d}") and state["progress"]["step"] == saved[-1]
+        store.abort_unfinished_uploads()
+        assert server.filesystem().call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
     finally:
+        if server.process:
+            os.kill(server.process.pid, signal.SIGCONT)
         server.stop()
