@@ -67,6 +67,27 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _torchrun_attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """The agent's store seen through a prefix of this restart attempt, when that is safe.
+
+    torchrun keeps one store for all restarts of its workers (TORCHELASTIC_USE_AGENT_STORE) and
+    torch 2.14 no longer separates attempts in it: restarted workers can read the addresses of the
+    dead ones and fail to connect. With one agent every worker sees the same restart count, so a
+    prefix per attempt isolates them. Several agents count restarts apart; there the launch needs
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (README, multi-node).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        if rank == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            log.warning("torchrun restarts on several nodes need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+                        "environment of every torchrun, or restarted workers may not reconnect")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dist_kp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group described by the environment (torchrun, srun) or run alone."""
     if _launched_by_srun():
@@ -77,12 +98,15 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     torch_device = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _torchrun_attempt_store(rank, world_size, timeout)
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            init_method=None if store else "env://",
+            store=store,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
