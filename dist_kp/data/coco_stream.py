@@ -9,11 +9,22 @@ Cutting: a slice ends at a `}` that is followed by `, {` or `]`. A `}` inside a 
 nested object can look the same; then the slice is not a complete list of objects, orjson
 refuses it, and the next candidate is tried. A slice that does parse is exactly a run of
 whole elements (a proper prefix of an element never parses as a complete object).
+
+Lightening: most of the bytes and Python objects of an annotation are numbers the index does
+not keep as objects: polygon coordinates (never used) and keypoints (kept as floats). Before
+orjson sees an annotation slice, each polygon value `"segmentation": [[...], ...]` is replaced
+by 0 and each `"keypoints": [...]` value by a marker string, and the keypoint texts are parsed
+as numbers at once. Only lists of plain values (no brackets, braces or quotes inside) are
+replaced, so each replacement swaps one complete value for another (and a key can only be
+matched as a key: inside a string its quotes would be escaped). Unless every record of the
+slice comes back with the marker as its keypoints, and the texts are plain numbers, the slice
+is parsed as it is.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +41,13 @@ _OBJECT_END = re.compile(rb"\}")
 _LIST_END = re.compile(rb"\]")
 _QUOTE = re.compile(rb'"')
 _WHITESPACE = b" \t\r\n"
+_POLYGONS = re.compile(rb'"segmentation"\s*:\s*\[\s*\[[^\[\]{}"]*\](?:\s*,\s*\[[^\[\]{}"]*\])*\s*\]')
+_KEYPOINT_LIST = re.compile(rb'"keypoints"\s*:\s*\[([^\[\]{}"]*)\]')
+_KEYPOINT_MARKER = b'"keypoints":"\\u0000"'
+
+
+def _objects(raw: bytes) -> list[Any]:
+    return orjson.loads(b"[" + raw + b"]")
 
 
 class _Stream:
@@ -93,8 +111,11 @@ class _Stream:
             self.pos = end
             return value
 
-    def object_array(self, key: str) -> Iterator[list[Any]]:
-        """Batches of the elements of the array at pos, whose elements must be objects."""
+    def object_array(self, key: str, parse: Callable[[bytes], Any] = _objects) -> Iterator[Any]:
+        """parse(slice) of runs of the elements of the array at pos, whose elements must be objects.
+
+        `parse` raises orjson.JSONDecodeError when the slice is not a run of whole elements.
+        """
         self.expect(b"[")
         if self.peek() == ord("]"):
             self.pos += 1
@@ -115,7 +136,7 @@ class _Stream:
                 continue
             end = match.start() + 1
             try:
-                batch = orjson.loads(b"[" + self.buf[start:end] + b"]")
+                batch = parse(self.buf[start:end])
             except orjson.JSONDecodeError as failed:
                 error = failed
                 search = end
@@ -125,6 +146,68 @@ class _Stream:
                 self.pos = match.end()
                 return
             start = search = self.pos = match.end() - 1
+
+
+def _lighten(raw: bytes) -> tuple[bytes, list[bytes]]:
+    """`[raw]` with polygon lists replaced by 0 and keypoint lists by a marker, and the keypoint
+    lists' texts in order. Only lists of plain values (no brackets, braces or quotes) are replaced."""
+    text = _POLYGONS.sub(b'"segmentation":0', raw)
+    parts = _KEYPOINT_LIST.split(text)
+    return b"[" + _KEYPOINT_MARKER.join(parts[0::2]) + b"]", parts[1::2]
+
+
+def _numbers(spans: list[bytes]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, count per span) of comma-separated number lists; None if a list holds anything else.
+
+    Lists of non-negative integers (COCO's keypoints) are parsed by array operations; others by
+    numpy's text parser.
+    """
+    text = b"/".join(spans).replace(b", ", b",")  # '/' ends a list; like ',' it sorts below '0'
+    if not spans or text.translate(None, b"0123456789,/") or b"//" in text or not text[:1].isdigit():
+        return _numbers_one_by_one(spans)
+    chars = np.frombuffer(text, np.uint8)
+    separators = np.flatnonzero(chars < ord("0"))  # ',' and '/'
+    starts = np.concatenate([[0], separators + 1])
+    lengths = np.concatenate([separators, [len(chars)]]) - starts
+    if lengths.min() < 1 or lengths.max() > 15:  # empty, or beyond float64's exact integers
+        return _numbers_one_by_one(spans)
+    digits = chars.astype(np.float64) - ord("0")
+    values = np.zeros(len(starts))
+    for k in range(int(lengths.max())):  # Horner's rule over the k-th digit of every number
+        live = lengths > k
+        values[live] = values[live] * 10 + digits[starts[live] + k]
+    span_ends = np.concatenate([np.flatnonzero(chars[separators] == ord("/")), [len(separators)]])
+    return values, np.diff(span_ends, prepend=-1)
+
+
+def _numbers_one_by_one(spans: list[bytes]) -> tuple[np.ndarray, np.ndarray] | None:
+    values, counts = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns (instead of raising) on text it cannot read
+        for span in spans:
+            count = span.count(b",") + 1 if span.strip() else 0
+            try:
+                parsed = np.fromstring(span, np.float64, sep=",") if count else np.zeros(0)
+            except (ValueError, DeprecationWarning):
+                return None
+            if len(parsed) != count:
+                return None
+            values.append(parsed)
+            counts.append(count)
+    return (np.concatenate(values) if values else np.zeros(0)), np.array(counts, np.int64)
+
+
+def _annotation_slice(raw: bytes) -> tuple[list[Any], np.ndarray | None, np.ndarray | None]:
+    """(records, keypoint values, keypoint count per record); values and counts are None when
+    the records hold their keypoint lists themselves."""
+    text, spans = _lighten(raw)
+    records = orjson.loads(text)  # a wrong cut raises here, as it would for the plain slice
+    # Every record must have had exactly its own keypoint list replaced, or the slice is parsed as it is.
+    if len(spans) == len(records) and all(isinstance(r, dict) and r.get("keypoints") == "\0" for r in records):
+        numbers = _numbers(spans)
+        if numbers is not None:
+            return records, *numbers
+    return _objects(raw), None, None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -176,14 +259,19 @@ class _Columns:
             except (KeyError, TypeError, ValueError) as error:
                 raise DataError(f"{self.source}: image record {im!r} lacks a valid {error}") from None
 
-    def add_annotations(self, batch: list[Any]) -> None:
-        """Columns of a batch: all at once when every record is regular, else one record at a time."""
+    def add_annotations(self, parsed: tuple[list[Any], np.ndarray | None, np.ndarray | None]) -> None:
+        """Columns of a slice: all at once when every record is regular, else one record at a time."""
+        batch, values, counts = parsed
         try:
             category = [a["category_id"] for a in batch]
             image_id = [a["image_id"] for a in batch]
             ann_id = [a["id"] for a in batch]
             if set(map(type, category)) | set(map(type, image_id)) | set(map(type, ann_id)) <= {int}:
-                kps = np.array([a["keypoints"] for a in batch], np.float64)
+                if values is None:
+                    kps = np.array([a["keypoints"] for a in batch], np.float64)
+                    if kps.ndim != 2:
+                        raise ValueError("keypoint lists of different lengths")
+                    values, counts = kps.reshape(-1), np.full(len(batch), kps.shape[1], np.int64)
                 columns = {
                     "category": np.array(category, np.float64), "image_id": np.array(image_id, np.int64),
                     "ann_id": np.array(ann_id, np.int64), "has_id": np.ones(len(batch), bool),
@@ -191,15 +279,19 @@ class _Columns:
                     "iscrowd": np.array([a.get("iscrowd", 0) for a in batch], np.int64).astype(np.uint8),
                     "areas": np.array([a["area"] for a in batch], np.float64),
                 }
-                if kps.ndim == 2 and columns["boxes"].shape == (len(batch), 4):
-                    columns["kp_lengths"] = np.full(len(batch), kps.shape[1], np.int64)
+                if columns["boxes"].shape == (len(batch), 4):
+                    columns["kp_lengths"] = counts
                     for name, column in columns.items():
                         self.parts[name].append(column)
-                    self.keypoints.append(kps.reshape(-1))
+                    self.keypoints.append(values)
                     self.num_annotations += len(batch)
                     return
         except (KeyError, TypeError, ValueError, OverflowError):
             pass  # irregular records: the slow path below checks each one as index_from_coco does
+        if values is not None:  # give the records their keypoint lists back
+            ends = np.cumsum(counts)
+            for record, start, end in zip(batch, (ends - counts).tolist(), ends.tolist()):
+                record["keypoints"] = values[start:end].tolist()
         self._add_annotations_one_by_one(batch)
 
     def _add_annotations_one_by_one(self, batch: list[Any]) -> None:
@@ -280,9 +372,6 @@ class _Columns:
             raise DataError(f"{self.source}: image id {duplicate} appears more than once in 'images'")
         col = {k: np.concatenate(v) if v else np.zeros(0) for k, v in self.parts.items()}
         lengths = col["kp_lengths"].astype(np.int64)
-        starts = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=starts[1:])
-        values = np.concatenate(self.keypoints) if self.keypoints else np.zeros(0)
         selected = np.flatnonzero(col["category"] == meta.category_id)
         image_of = col["image_id"].astype(np.int64)[selected]
         slot = np.searchsorted(sorted_ids, image_of).clip(0, max(len(ids) - 1, 0))
@@ -299,11 +388,18 @@ class _Columns:
             j = int(np.argmax(bad))
             self._raise_for(int(rows[j]), int(position[j]), int(lengths[rows[j]]), num_kp, col)
         keypoints = np.zeros((len(rows), num_kp, 3))
-        for first in range(0, len(rows), 1 << 16):  # in chunks: no full-size temporaries
-            chunk = rows[first:first + (1 << 16)]
-            has_kp = lengths[chunk] > 0
-            take = starts[chunk[has_kp]][:, None] + np.arange(3 * num_kp)[None, :]
-            keypoints[first:first + len(chunk)][has_kp] = values[take].reshape(-1, num_kp, 3)
+        destination = np.full(self.num_annotations, -1, np.int64)
+        destination[rows] = np.arange(len(rows))
+        first = 0
+        for b, counts in enumerate(self.parts["kp_lengths"]):  # slice by slice: no big temporaries
+            values, self.keypoints[b] = self.keypoints[b], None
+            where = destination[first:first + len(counts)]
+            take = (where >= 0) & (counts > 0)
+            if take.any():
+                starts = np.cumsum(counts) - counts
+                gather = starts[take][:, None] + np.arange(3 * num_kp)[None, :]
+                keypoints[where[take]] = values[gather].reshape(-1, num_kp, 3)
+            first += len(counts)
         ann_ids = np.where(col["has_id"][rows].astype(bool), col["ann_id"].astype(np.int64)[rows],
                            np.arange(len(rows)))
         counts = np.bincount(position, minlength=len(ids)) if len(rows) else np.zeros(len(ids), np.int64)
@@ -349,7 +445,7 @@ def index_from_stream(read: Callable[[], bytes], source: str) -> KeypointIndex:
             seen[key] = []
             add = {"images": columns.add_images, "annotations": columns.add_annotations,
                    "categories": seen[key].extend}[key]
-            for batch in stream.object_array(key):
+            for batch in stream.object_array(key, _annotation_slice if key == "annotations" else _objects):
                 add(batch)
         else:
             opening = stream.peek()
