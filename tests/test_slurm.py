@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tests.conftest import (
     descendants,
     module_command,
     run_module,
+    start_module,
     tiny_overrides,
 )
 
@@ -116,6 +118,49 @@ def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> N
                                           "--logs", str(tmp_path / "logs")], env=child_env(**slurm.env))
     assert result.returncode == 2
     assert "submission refused" in result.stderr and "partition" in result.stderr.lower()
+
+
+def test_sigterm_under_torchrun_saves_exits_nonzero_and_more_signals_during_the_save_do_not_corrupt_it(
+        uninterrupted, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, out, *TRAIN, "eval.at_end=false")]
+    launcher = start_module("dist_kp.train", args, nproc=2)
+    lines = []
+    for line in launcher.stderr:
+        lines.append(line)
+        if re.search(r"\] step 4 ", line):
+            break
+    workers = [p for p in descendants(launcher.pid)
+               if "dist_kp.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    launcher.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
+    ended = threading.Event()
+
+    def keep_signalling() -> None:  # SIGTERM and SIGUSR1 every 20 ms until the end, so some land during the save
+        for n in range(100_000):
+            if ended.wait(0.02):
+                return
+            for pid in workers:
+                try:
+                    os.kill(pid, signal.SIGUSR1 if n % 2 else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    signaller = threading.Thread(target=keep_signalling)
+    signaller.start()
+    try:
+        log = "".join(lines) + launcher.stderr.read()
+        launcher.wait(timeout=120)
+    finally:
+        ended.set()
+        signaller.join()
+    assert launcher.returncode != 0, log[-3000:]
+    assert "stopped by SIGTERM: checkpoint saved; start the same command again to resume" in log, log[-3000:]
+    saved = int(re.findall(r"checkpoint step (\d+) saved", log)[-1])
+    assert 4 <= saved < STEPS
+    resumed = check(run_module("dist_kp.train", args, nproc=2, timeout=600)).stderr
+    assert re.search(rf"resumed from .*step_{saved:08d} at step {saved} ", resumed), resumed[-3000:]
+    expected, got = final_weights(uninterrupted[0]), final_weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_torchrun_restarts_a_killed_worker_and_resumes(synthetic_root: Path, tmp_path: Path) -> None:
