@@ -13,8 +13,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -146,6 +149,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _lower_thread_priority() -> None:
+    """Nice the writer thread (Linux niceness is per thread): steps and loader workers go first."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class CheckpointStore:
     """Save, list, validate, load and prune checkpoints under OUTPUT_DIR/checkpoints/.
 
@@ -158,7 +167,8 @@ class CheckpointStore:
         self.cfg = cfg
         self.fs, self.path = storage.url_to_fs(self.url)
         self.protected: set[int] = set()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint",
+                                                           initializer=_lower_thread_priority)
         self._pending: concurrent.futures.Future | None = None
         # Told (step, url) of each stored checkpoint, from the saving thread (W&B gets the URL).
         self.on_saved: Callable[[int, str], None] | None = None
@@ -211,6 +221,11 @@ class CheckpointStore:
         if self.on_saved is not None:
             self.on_saved(step, url)
         return url
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a background save is still writing."""
+        return self._pending is not None and not self._pending.done()
 
     def raise_pending(self) -> None:
         """Raise the error of a finished background save, if any."""
