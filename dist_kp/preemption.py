@@ -21,6 +21,16 @@ log = logging.getLogger(__name__)
 # Exit status of a run stopped by a signal that is not coming back by itself (no SLURM requeue).
 EXIT_PREEMPTED = 143
 
+_job_requeued = False
+
+
+def job_requeued() -> bool:
+    """True once this process stopped for a signal and its SLURM job was requeued (the job comes back).
+
+    A wrapper that runs the training in-process (submitit) must then exit without reporting a result.
+    """
+    return _job_requeued
+
 
 class PreemptionHandler:
     """Installs the signal handlers and says, on every rank at once, when to stop."""
@@ -57,6 +67,8 @@ class PreemptionHandler:
         elif distributed.is_main_process():
             log.warning("stopped by %s: checkpoint saved; start the same command again to resume", name)
         requeued = bool(distributed.broadcast_object(requeued))
+        global _job_requeued
+        _job_requeued = requeued
         return 0 if requeued else EXIT_PREEMPTED
 
     @staticmethod

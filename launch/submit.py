@@ -5,9 +5,10 @@
     python -m launch.submit --config configs/synthetic_cpu.yaml --local data.root=data/synthetic
 
 Each task is one worker. On preemption or at the time limit SLURM signals the workers
-(SIGUSR1, --signal-delay before the end): they checkpoint and requeue the job, which resumes
-from that checkpoint. Should submitit's own handler get the signal first, its checkpoint hook
-requeues the same training, which resumes from the newest checkpoint.
+(SIGUSR1, --signal-delay before the end): they checkpoint and requeue the job, which runs the
+same training again and resumes from that checkpoint; submitit gets a result only from the run
+that finishes. A signal that arrives while a worker is still starting reaches submitit's own
+handler, whose checkpoint hook requeues the same training (it resumes from the newest checkpoint).
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.overrides = overrides
 
     def __call__(self) -> int:
-        from dist_kp import train
+        from dist_kp import preemption, train
 
         if "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ:
             submitit.helpers.TorchDistributedEnvironment().export()
         status = train.main(["--config", self.config, *self.overrides])
+        if preemption.job_requeued():
+            # The requeued job runs this again and resumes; a result now would tell submitit it is over.
+            sys.exit(0)
         if status:
             raise RuntimeError(f"training exited with status {status}")
         return status

@@ -102,15 +102,34 @@ def test_preempted_job_saves_requeues_resumes_and_ends_identical(slurm, uninterr
     print(f"SIG{sig}: resumed from step {saved}; {training_again:.1f} s from signal to training again")
 
 
-def test_submitit_job_completes_on_the_cluster(slurm, synthetic_root: Path, tmp_path: Path) -> None:
+def test_submitit_job_completes_on_the_cluster_through_a_preemption(slurm, uninterrupted, synthetic_root: Path,
+                                                                    tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = child_env(**slurm.env)
-    result = check(run_module("launch.submit", [
+    launcher = subprocess.Popen(module_command("launch.submit", [
         "--config", str(TINY_CONFIG), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
         "--cpus-per-task", "1", "--time", "20", "--logs", str(tmp_path / "logs"), "--wait",
-        *tiny_overrides(synthetic_root, out, *TRAIN)], env=env, timeout=600))
-    assert re.search(r"submitted job \d+", result.stderr) and "completed" in result.stderr
-    assert (out / "model_final.pt").exists()
+        *tiny_overrides(synthetic_root, out, *TRAIN, "eval.at_end=false")]), cwd=REPO, env=child_env(**slurm.env),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in launcher.stderr:
+        lines.append(line)
+        if "logs: " in line:
+            break
+    job_id = re.search(r"submitted job (\d+)", "".join(lines)).group(1)
+    rank0_log = tmp_path / "logs" / job_id / f"{job_id}_0_log.err"
+    deadline = time.monotonic() + 300
+    while not re.search(r"\] step 5 ", rank0_log.read_text() if rank0_log.exists() else ""):
+        assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=USR1", job_id)
+    log = "".join(lines) + launcher.communicate(timeout=600)[1]
+    assert launcher.returncode == 0 and f"job {job_id} completed" in log, log[-3000:]
+    worker_log = rank0_log.read_text()
+    assert "stopped by SIGUSR1: checkpoint saved, SLURM job" in worker_log
+    assert re.search(r"resumed from .*step_\d+ at step \d+ ", worker_log) and "restart count 1" in worker_log
+    assert slurm.job(job_id).get("Restarts") == "1"
+    expected, got = final_weights(uninterrupted[0]), final_weights(out)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> None:
