@@ -16,11 +16,11 @@ import torch
 
 from dist_kp.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import CheckpointConfig
-from tests.conftest import TINY_CONFIG, check, child_env, kill_when_logged, run_module, start_module, tiny_overrides
+from tests.conftest import TINY_CONFIG, check, child_env, kill_tree, run_module, start_module, tiny_overrides
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
-STEPS = 14
-BASE = ("train.max_steps=14", "checkpoint.every_steps=4", "eval.every_epochs=0", "eval.at_end=false")
+STEPS = 10
+BASE = (f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "eval.every_epochs=0", "eval.at_end=false")
 
 
 def train_args(root: Path, out: str, workers: int) -> list[str]:
@@ -61,15 +61,47 @@ def straight_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
     return out
 
 
-@pytest.mark.parametrize("kill_step, resumed_step, workers_after", [(10, 8, 1), (5, 4, 2)])
+def kill_between_checkpoints(process, kill_step: int, timeout: float = 300) -> tuple[str, int]:
+    """SIGKILL every process of the run once it logged step `kill_step` past a stored checkpoint.
+
+    Saves finish in the background, so the kill waits for the first "saved" line if it has not
+    come yet. Returns the log and the newest step logged as saved.
+    """
+    lines, saved, reached = [], [], 0
+    deadline = time.monotonic() + timeout
+    for line in process.stderr:
+        lines.append(line)
+        if found := re.search(r"checkpoint step (\d+) saved", line):
+            saved.append(int(found.group(1)))
+        if found := re.search(r"\] step (\d+) ", line):
+            reached = int(found.group(1))
+        if (reached >= kill_step and saved) or time.monotonic() > deadline:
+            break
+    kill_tree(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    log = "".join(lines)
+    assert reached >= kill_step and saved, f"step {kill_step} past a checkpoint not logged:\n{log[-4000:]}"
+    assert reached > saved[-1], "the kill must lose steps past the newest checkpoint"
+    return log, saved[-1]
+
+
+def resumed_at(log: str) -> int:
+    found = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert found, log[-4000:]
+    return int(found.group(1))
+
+
+@pytest.mark.parametrize("kill_step, workers_after", [(9, 1), (5, 2)])
 def test_sigkill_then_same_command_ends_bit_identical(straight_run: Path, synthetic_root: Path, tmp_path: Path,
-                                                      kill_step: int, resumed_step: int, workers_after: int) -> None:
+                                                      kill_step: int, workers_after: int) -> None:
     out = tmp_path / "killed"
     first = start_module("dist_kp.train", train_args(synthetic_root, str(out), workers=1), nproc=2)
-    kill_when_logged(first, rf"\] step {kill_step} ")
+    _, last_saved = kill_between_checkpoints(first, kill_step)
     assert not (out / "model_final.pt").exists()
     result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), workers=workers_after), nproc=2))
-    assert f"checkpoints/step_{resumed_step:08d} at step {resumed_step}" in result.stderr
+    # A save whose "saved" line the kill cut off is complete too: resume is from it or newer.
+    resumed_step = resumed_at(result.stderr)
+    assert resumed_step >= last_saved
     assert_same_training(final_state(str(straight_run)), final_state(str(out)))
     a, b = records(straight_run), records(out)
     assert sorted(b) == list(range(1, STEPS + 1))
@@ -206,9 +238,9 @@ def test_s3_kill_and_resume_ends_identical_and_leaks_no_secret(s3_server, straig
     out = f"s3://{bucket}/run"
     env = s3_env(s3_server)
     first = start_module("dist_kp.train", train_args(synthetic_root, out, workers=1), nproc=2, env=env)
-    log = kill_when_logged(first, r"\] step 10 ")
+    log, last_saved = kill_between_checkpoints(first, 7)
     result = check(run_module("dist_kp.train", train_args(synthetic_root, out, workers=1), nproc=2, env=env))
-    assert "at step 8" in result.stderr
+    assert resumed_at(result.stderr) >= last_saved
     assert_same_training(final_state(str(straight_run)), final_state(out, s3_server.env()))
     assert ACCESS_KEY not in log + result.stderr and SECRET_KEY not in log + result.stderr
     local_copy = tmp_path / "downloaded"
