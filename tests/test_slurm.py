@@ -132,6 +132,15 @@ def test_submitit_job_completes_on_the_cluster_through_a_preemption(slurm, unint
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
+def test_submit_local_runs_the_training_in_a_local_process(synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = check(run_module("launch.submit", [
+        "--config", str(TINY_CONFIG), "--local", "--wait", "--logs", str(tmp_path / "logs"),
+        *tiny_overrides(synthetic_root, out, "train.max_steps=2", "train.workers=0", "eval.at_end=false")]))
+    assert re.search(r"submitted job \d+", result.stderr) and "completed" in result.stderr
+    assert (out / "model_final.pt").exists()
+
+
 def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> None:
     result = run_module("launch.submit", ["--config", str(TINY_CONFIG), "--partition", "no-such-partition",
                                           "--logs", str(tmp_path / "logs")], env=child_env(**slurm.env))
