@@ -133,6 +133,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight_run: Path
     assert url.endswith(f"step_{steps[-3]:08d}")
 
 
+def test_resume_from_an_explicit_url_takes_that_checkpoint(straight_run: Path) -> None:
+    store = make_store(straight_run)
+    oldest = store.steps()[0]
+    url, state = store.resolve(f"file://{straight_run}/checkpoints/step_{oldest:08d}")
+    assert state["progress"]["step"] == oldest and oldest < STEPS
+
+
 def test_a_folder_without_manifest_is_not_a_checkpoint(tmp_path: Path) -> None:
     store = make_store(tmp_path)
     folder = tmp_path / "checkpoints" / "step_00000007"
