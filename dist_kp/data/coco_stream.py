@@ -232,6 +232,7 @@ class _Columns:
             "category", "image_id", "ann_id", "has_id", "boxes", "iscrowd", "areas", "kp_lengths")}
         self.keypoints: list[np.ndarray] = []
         self.problems: dict[int, str] = {}  # annotation row -> error, raised only for keypoint annotations
+        self.odd_image_ids: dict[int, Any] = {}  # annotation row -> an image_id that is not an integer
         self.num_annotations = 0
 
     def add_images(self, batch: list[Any]) -> None:
@@ -316,8 +317,10 @@ class _Columns:
             i = _int_or_none(ann.get("image_id"))
             if i is not None:
                 image_id[j], image_ok[j] = i, True
+            else:
+                self.odd_image_ids[row] = ann.get("image_id")
             where = f"{self.source}: annotation id={ann.get('id')}"
-            kps = ann.get("keypoints") or ()
+            kps = ann.get("keypoints") or []
             if not isinstance(kps, list):
                 self.problems.setdefault(row, f"{where} has keypoints {kps!r}, expected a list")
                 kps = ()
@@ -351,7 +354,7 @@ class _Columns:
         """The batch's keypoint values one annotation at a time, recording the ones that are not numbers."""
         values = []
         for j, ann in enumerate(batch):
-            kps = ann.get("keypoints") or ()
+            kps = ann.get("keypoints") or []
             try:
                 values.append(np.asarray(kps if isinstance(kps, list) else (), np.float64).reshape(-1))
             except (TypeError, ValueError) as error:
@@ -424,7 +427,8 @@ class _Columns:
         ann_id = int(col["ann_id"][row]) if col["has_id"][row] else None
         where = f"{self.source}: annotation id={ann_id}"
         if position < 0:
-            raise DataError(f"{where} refers to an image_id which is not in 'images'")
+            image_id = self.odd_image_ids.get(row, col["image_id"][row])
+            raise DataError(f"{where} refers to image_id={image_id} which is not in 'images'")
         if length not in (0, 3 * num_kp):
             raise DataError(f"{where} has {length} keypoint values, expected {3 * num_kp} ({num_kp} keypoints)")
         raise DataError(self.problems[row])

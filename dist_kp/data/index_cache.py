@@ -51,7 +51,7 @@ from dist_kp.data.coco import (
 )
 from dist_kp.data.coco_stream import index_from_stream
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dist_kp.data.index_cache")  # the same name when run as __main__ (setup_logging)
 
 FORMAT_VERSION = 1
 BLOCK_BYTES = 16 << 20  # streaming reads: large enough for object storage, small next to the JSON
@@ -238,7 +238,7 @@ class IndexCache:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            log.debug("waiting for another process building the index cache in %s", self.root)
+            log.info("waiting for the index cache lock in %s (another process is hashing or building)", self.root)
             lock.acquire()
         try:
             for leftover in self.root.glob(".tmp-*"):  # from a builder that died; only lock holders make them
