@@ -193,7 +193,7 @@ class CheckpointStore:
         """Serialize and store one checkpoint, manifest last; then prune. Returns its URL."""
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        data = buffer.getvalue()
+        data = buffer.getbuffer()  # no copy of a possibly large buffer
         folder = self._step_path(step)
         manifest = {"step": step, "epoch": state["progress"]["epoch"], "epoch_end": state["epoch_end"],
                     "created": time.time(), "files": {STATE_FILE: {"size": len(data), "sha256": _sha256(data)}}}

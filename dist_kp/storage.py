@@ -101,7 +101,7 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def write_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+def write_file(fs: AbstractFileSystem, path: str, data: bytes | memoryview) -> None:
     """Store `data` at `path` whole or not at all: no reader ever sees a truncated file.
 
     Local: write a temporary file in the same folder, fsync, rename over `path`. Object stores
