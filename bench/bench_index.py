@@ -236,6 +236,24 @@ def parse_only(annotations: str, how: str) -> dict:
     return {"s": time.perf_counter() - start, "peak_mb": _status_mb("VmHWM") - base}
 
 
+def same_as_json(annotations: str, cache_dir: str) -> dict:
+    """The cached index equals json.load + index_from_coco at full scale (arrays and file names)."""
+    from dist_kp.data.coco import index_from_coco, trainable_images
+    from dist_kp.data.index_cache import cached_index
+
+    index = cached_index(annotations, cache_dir, MIN_VISIBLE)
+    with open(annotations) as f:
+        expected = index_from_coco(json.load(f), annotations)
+    names = ("image_ids", "widths", "heights", "ann_offsets", "boxes", "keypoints", "iscrowd", "areas", "ann_ids")
+    differ = [n for n in names if not (getattr(index, n).dtype == getattr(expected, n).dtype
+                                       and np.array_equal(getattr(index, n), getattr(expected, n)))]
+    if list(index.file_names) != expected.file_names:
+        differ.append("file_names")
+    if not np.array_equal(index.trainable[MIN_VISIBLE], trainable_images(expected, MIN_VISIBLE)):
+        differ.append("trainable")
+    return {"differ": differ}
+
+
 # ---------------------------------------------------------------- one data-loading worker
 
 class ReferenceDataset:
@@ -356,6 +374,8 @@ def run_child(spec: list[str]) -> None:
         result = startup_cached(*rest)
     elif what == "parse":
         result = parse_only(*rest)
+    elif what == "check":
+        result = same_as_json(*rest)
     else:
         result = loader_rate(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]))
     print(json.dumps(result))
@@ -391,6 +411,10 @@ def main() -> None:
     counts = {k: {r["train_images"] for r in v} for k, v in rows.items()}
     if len(set().union(*counts.values())) != 1:
         raise RuntimeError(f"the variants keep different training images: {counts}")
+    differ = child(["check", str(big), str(cache)])["differ"]
+    if differ:
+        raise RuntimeError(f"the cached index differs from json.load + index_from_coco in {differ}")
+    log.info("the cached index equals json.load + index_from_coco on the whole file")
     parses = {how: [child(["parse", str(big), how]) for _ in range(args.repeats)] for how in ("json", "orjson", "stream")}
 
     ref_s, ref_peak, ref_kept = (median(rows["reference"], k) for k in ("s", "peak_mb", "kept_mb"))

@@ -218,6 +218,17 @@ def test_truncated_or_damaged_cache_is_rebuilt(synthetic_root: Path, tmp_path: P
     assert builder_lines(caplog) == 4
 
 
+def test_file_without_annotations_or_trainable_images_gives_an_empty_index(tmp_path: Path) -> None:
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 3}],
+                                "annotations": [], "categories": [{"id": 1, "name": "person",
+                                                                   "keypoints": COCO_KEYPOINT_NAMES}]}))
+    for _ in range(2):  # built, then mapped
+        index = cached_index(str(path), tmp_path / "cache", 10)
+        assert_same_index(index, reference(path))
+        assert len(index) == 1 and len(index.boxes) == 0 and index.trainable[10].tolist() == []
+
+
 def test_cached_index_pickles_as_a_reference_to_its_files(synthetic_root: Path, tmp_path: Path) -> None:
     path = synthetic_root / "annotations" / "person_keypoints_train2017.json"
     index = cached_index(str(path), tmp_path / "cache", 10)

@@ -129,7 +129,7 @@ def _save_atomic(path: Path, write: Callable[[Any], None]) -> None:
 def _load_array(path: Path, dtype: str, shape: list[int], size: int) -> np.ndarray:
     if path.stat().st_size != size:
         raise ValueError(f"{path} has {path.stat().st_size} bytes, expected {size}")
-    array = np.load(path, mmap_mode="r") if int(np.prod(shape)) else np.load(path)
+    array = np.load(path, mmap_mode="r")
     if str(array.dtype) != dtype or list(array.shape) != shape:
         raise ValueError(f"{path} holds {array.dtype}{list(array.shape)}, expected {dtype}{shape}")
     return array
@@ -146,7 +146,7 @@ def open_entry(path: str | Path, source: str, trainable: tuple[int, ...] = ()) -
         positions = {}
         for m in trainable:
             array = np.load(entry / f"trainable-min{m}.npy", mmap_mode="r")
-            if array.ndim != 1 or (len(array) and int(array[-1]) >= len(arrays["image_ids"])):
+            if array.dtype != np.int64 or array.ndim != 1 or (len(array) and int(array[-1]) >= len(arrays["image_ids"])):
                 return None
             positions[m] = array
         images, annotations = len(arrays["image_ids"]), len(arrays["boxes"])
