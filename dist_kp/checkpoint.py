@@ -170,7 +170,9 @@ class CheckpointStore:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint",
                                                            initializer=_lower_thread_priority)
         self._pending: concurrent.futures.Future | None = None
-        # Told (step, url) of each stored checkpoint, from the saving thread (W&B gets the URL).
+        # Told (step, url) of each checkpoint handed to the writer (main thread) and of each stored
+        # one (saving thread): W&B gets the URL.
+        self.on_started: Callable[[int, str], None] | None = None
         self.on_saved: Callable[[int, str], None] | None = None
 
     def step_url(self, step: int) -> str:
@@ -213,6 +215,8 @@ class CheckpointStore:
         """
         self.wait()
         self._pending = self._pool.submit(self._write_logged, step, state)
+        if self.on_started is not None:
+            self.on_started(step, self.step_url(step))
 
     def _write_logged(self, step: int, state: dict[str, Any]) -> str:
         started = time.perf_counter()

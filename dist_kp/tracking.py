@@ -127,6 +127,9 @@ class NoTracking:
     def evaluation(self, step: int, output: EvalOutput, index: KeypointIndex) -> None:
         pass
 
+    def checkpoint_started(self, step: int, url: str) -> None:
+        pass
+
     def checkpoint_saved(self, step: int, url: str) -> None:
         pass
 
@@ -191,22 +194,31 @@ class Tracker(NoTracking):
             return
         self._guard("log", lambda: self.run.log(data, step=step))
 
-    def _checkpoint_fields(self) -> dict[str, Any]:
-        """The newest checkpoint saved since the last call, for the next history row and the summary."""
+    def _newest_stored(self) -> tuple[int, str] | None:
+        """The newest checkpoint stored since the last call (told by the checkpoint thread), now in the summary."""
         with self._saved_lock:
             saved, self._saved = self._saved, []
         if not saved:
-            return {}
+            return None
         step, url = saved[-1]
         if self.run is not None:
             self._guard("summary", lambda: self.run.summary.update({"checkpoint/step": step, "checkpoint/url": url}))
-        return {"checkpoint/step": step, "checkpoint/url": url}
+        return step, url
 
     def record(self, record: dict[str, Any]) -> None:
         """A training record (step, lr, train/<loss>, images_per_s, ...): metrics.jsonl first, then W&B."""
         self.metrics.append(record)
-        data = {k: v for k, v in record.items() if k != "step"}
-        self._log({**data, **self._checkpoint_fields()}, int(record["step"]))
+        self._newest_stored()
+        self._log({k: v for k, v in record.items() if k != "step"}, int(record["step"]))
+
+    def checkpoint_started(self, step: int, url: str) -> None:
+        """A checkpoint of `step` is being written: its URL goes into that step's row (a reference, not an upload).
+
+        Logged at hand-off, not when the upload ends, so that every checkpoint has its row even when
+        several uploads end between two logged steps.
+        """
+        self._newest_stored()
+        self._log({"checkpoint/step": step, "checkpoint/url": url}, step)
 
     def checkpoint_saved(self, step: int, url: str) -> None:
         """Note a stored checkpoint (called from the checkpoint thread); its URL goes to W&B, not its bytes."""
@@ -216,7 +228,8 @@ class Tracker(NoTracking):
     def evaluation(self, step: int, output: EvalOutput, index: KeypointIndex) -> None:
         """AP summaries to W&B; pictures of a fixed set of validation images to PNG (and W&B)."""
         pictures = self._pictures(step, output.results or [], index)
-        data: dict[str, Any] = {**output.metrics, **self._checkpoint_fields()}
+        self._newest_stored()
+        data: dict[str, Any] = dict(output.metrics)
         if pictures and self.run is not None:
             import wandb
 
@@ -259,7 +272,7 @@ class Tracker(NoTracking):
 
     def finish(self, preempted: bool = False) -> None:
         """Close the W&B run (marked preempting when the job stops to be requeued)."""
-        fields = self._checkpoint_fields()
+        newest = self._newest_stored()
         if self.run is None:
             return
         if preempted:
@@ -268,8 +281,8 @@ class Tracker(NoTracking):
             with redacted_argv():
                 self._guard("finish", self.run.finish)
         self.run = None
-        if fields:
-            log.info("W&B run %s closed; newest checkpoint %s", self.run_id, fields["checkpoint/url"])
+        if newest:
+            log.info("W&B run %s closed; newest checkpoint %s", self.run_id, newest[1])
 
 
 def start_tracking(cfg: Config, train_state: TrainState, metrics: MetricsFile | None) -> NoTracking:

@@ -108,7 +108,7 @@ def run(cfg: Config) -> int:
     checkpointer = Checkpointer(store, train_state)
     metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
     tracker = start_tracking(cfg, train_state, metrics)
-    store.on_saved = tracker.checkpoint_saved
+    store.on_started, store.on_saved = tracker.checkpoint_started, tracker.checkpoint_saved
     if info.is_main:
         if resumed:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed, progress.step, progress.epoch,

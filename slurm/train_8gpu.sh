@@ -50,7 +50,26 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} workers," \
      "master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}"
 
-# srun (not torchrun) starts the workers, so SLURM's SIGUSR1 reaches every one of them.
+# A signal for this shell (--signal=B:USR1@..., scancel --batch/--full, a SIGTERM) would end it and
+# with it the job while the workers save: the shell passes it on to the workers and waits for them.
+workers=""
+pass_on() {
+    echo "batch shell: SIG$1, passed on to the workers"
+    [ -z "$workers" ] || kill -s "$1" "$workers" 2>/dev/null || true
+}
+trap 'pass_on USR1' USR1
+trap 'pass_on TERM' TERM
+
+# srun (not torchrun) starts the workers, so SLURM's SIGUSR1 reaches every one of them; srun
+# forwards the signals the shell passes on.
 # --kill-on-bad-exit: a worker that fails ends the step at once instead of leaving the others hanging.
 srun --kill-on-bad-exit=1 --cpu-bind=none \
-    "$PYTHON" -m dist_kp.train --config "$CONFIG" "$@" "${ENV_OVERRIDES[@]}"
+    "$PYTHON" -m dist_kp.train --config "$CONFIG" "$@" "${ENV_OVERRIDES[@]}" &
+workers=$!
+# A trap runs only while the shell waits, and ends that wait: wait again until srun is gone.
+while true; do
+    status=0
+    wait "$workers" || status=$?
+    kill -0 "$workers" 2>/dev/null || break
+done
+exit "$status"

@@ -149,6 +149,20 @@ def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> N
     assert "submission refused" in result.stderr and "partition" in result.stderr.lower()
 
 
+def test_a_sigusr1_for_the_batch_shell_is_passed_on_to_the_workers_which_save_and_requeue(
+        slurm, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    job_id = sbatch(slurm, tmp_path, synthetic_root, out)
+    wait_for_log(tmp_path, job_id, r"\] step 3 ")
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # as --signal=B:USR1@120 does: the batch shell only
+    log = wait_for_log(tmp_path, job_id, r"stopped by SIGUSR1: checkpoint saved, SLURM job \d+ requeued")
+    slurm.run("scancel", job_id)  # the requeued run is the other tests' subject
+    slurm.wait_job(job_id, timeout=120)
+    assert "batch shell: SIGUSR1, passed on to the workers" in log
+    saved = int(re.findall(r"checkpoint step (\d+) saved", log)[-1])
+    assert saved >= 3 and (out / "checkpoints" / f"step_{saved:08d}" / "manifest.json").exists()
+
+
 def test_sigterm_under_torchrun_saves_exits_nonzero_and_more_signals_during_the_save_do_not_corrupt_it(
         uninterrupted, synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
