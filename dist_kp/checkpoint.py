@@ -337,11 +337,18 @@ class CheckpointStore:
         """The checkpoint to resume from per checkpoint.resume (auto, none, or a URL); rank 0, at start."""
         self.abort_unfinished_uploads()
         if resume == "none":
-            if self.steps() and not self.cfg.overwrite:
+            old = self.steps()
+            if old and not self.cfg.overwrite:
                 raise CheckpointError(
                     f"{self.url} already holds checkpoints and checkpoint.resume=none: set "
                     "checkpoint.resume=auto to continue that run, or checkpoint.overwrite=true to start over"
                 )
+            if old:
+                # Left in place, the old run's later steps would win every prune and the next resume.
+                log.warning("checkpoint.overwrite=true: deleting the %d checkpoints of the earlier run in %s",
+                            len(old), self.url)
+                for step in old:
+                    self.fs.rm(self._step_path(step), recursive=True)
             return None
         if resume == "auto":
             return self.latest()

@@ -59,26 +59,28 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """Keypoint R-CNN architecture. Defaults reproduce torchvision's keypointrcnn_resnet50_fpn."""
 
-    backbone: Literal["resnet50", "resnet18", "mobilenet_v3_large"] = "resnet50"
+    backbone: Literal["resnet50", "resnet18", "mobilenet_v3_large"] = Field(
+        "resnet50", description="Backbone network under the FPN (resnet18 or mobilenet_v3_large for small runs)."
+    )
     trainable_backbone_layers: int | None = Field(
         None, ge=0, le=5, description="Backbone stages trained; null: 3 with pretrained weights, else all 5."
     )
     norm_layer: Literal["auto", "frozen_bn", "bn"] = Field(
         "auto", description="Backbone norm: auto = frozen BN with pretrained backbone weights, else BN (torchvision)."
     )
-    fpn_channels: int = Field(256, ge=1)
+    fpn_channels: int = Field(256, ge=1, description="Channels of every FPN level.")
     box_head_dim: int = Field(1024, ge=1, description="Width of the two-layer box head.")
-    keypoint_head_layers: int = Field(8, ge=1)
-    keypoint_head_channels: int = Field(512, ge=1)
-    rpn_batch_size_per_image: int = Field(256, ge=1)
-    rpn_pre_nms_top_n_train: int = Field(2000, ge=1)
-    rpn_post_nms_top_n_train: int = Field(2000, ge=1)
-    rpn_pre_nms_top_n_test: int = Field(1000, ge=1)
-    rpn_post_nms_top_n_test: int = Field(1000, ge=1)
-    box_batch_size_per_image: int = Field(512, ge=1)
-    box_detections_per_img: int = Field(100, ge=1)
+    keypoint_head_layers: int = Field(8, ge=1, description="3x3 conv layers of the keypoint head.")
+    keypoint_head_channels: int = Field(512, ge=1, description="Channels of each keypoint head layer.")
+    rpn_batch_size_per_image: int = Field(256, ge=1, description="Anchors sampled per image for the RPN loss.")
+    rpn_pre_nms_top_n_train: int = Field(2000, ge=1, description="RPN proposals kept before NMS, per level, in training.")
+    rpn_post_nms_top_n_train: int = Field(2000, ge=1, description="RPN proposals kept after NMS in training.")
+    rpn_pre_nms_top_n_test: int = Field(1000, ge=1, description="RPN proposals kept before NMS, per level, at inference.")
+    rpn_post_nms_top_n_test: int = Field(1000, ge=1, description="RPN proposals kept after NMS at inference.")
+    box_batch_size_per_image: int = Field(512, ge=1, description="RoIs sampled per image for the box head loss.")
+    box_detections_per_img: int = Field(100, ge=1, description="Most detections returned per image.")
     min_size: list[int] = Field([640, 672, 704, 736, 768, 800], min_length=1, description="Train resize sizes.")
-    max_size: int = Field(1333, ge=1)
+    max_size: int = Field(1333, ge=1, description="Longest image side after resizing.")
     weights: str | None = Field(
         None, description="Full-model weights: local path, fsspec URL, or torchvision weights name."
     )
@@ -90,33 +92,35 @@ class ModelConfig(Section):
 class OptimConfig(Section):
     """SGD optimizer. lr is for the total batch of the recipe; scale it linearly with the total batch."""
 
-    lr: float = Field(0.02, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
+    lr: float = Field(0.02, gt=0.0, description="Base learning rate for the total batch (0.02 for 16 images).")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 weight decay.")
     clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm; off when null.")
 
 
 class ScheduleConfig(Section):
     """Learning-rate schedule, applied per iteration: linear warmup, then multi-step or cosine."""
 
-    name: Literal["multistep", "cosine"] = "multistep"
+    name: Literal["multistep", "cosine"] = Field("multistep", description="multistep (milestones, gamma) or cosine to 0.")
     milestones: list[int] = Field([36, 43], description="Epochs at which lr is multiplied by gamma (multistep).")
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    warmup_iters: int = Field(1000, ge=0)
-    warmup_factor: float = Field(0.001, gt=0.0, le=1.0)
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="lr factor at each milestone.")
+    warmup_iters: int = Field(1000, ge=0, description="Iterations of linear warmup (0: none).")
+    warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="lr factor at the first iteration of warmup.")
 
 
 class TrainConfig(Section):
     """The training loop. batch_size is per process."""
 
-    epochs: int = Field(46, ge=1)
+    epochs: int = Field(46, ge=1, description="Epochs to train.")
     batch_size: int = Field(2, ge=1, description="Images per process per step.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many global steps (smoke runs).")
     workers: int = Field(4, ge=0, description="Data-loader worker processes per rank.")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of data order, augmentation and initialisation.")
     amp: bool = Field(False, description="Mixed precision (CUDA only; ignored on CPU).")
     log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: cuda:LOCAL_RANK when CUDA is available (NCCL), else cpu (gloo)."
+    )
     dist_timeout_s: int = Field(1800, ge=10, description="Collective timeout (seconds) of the process group.")
 
 
@@ -125,8 +129,10 @@ class EvalConfig(Section):
 
     every_epochs: int = Field(1, ge=0, description="Evaluate every N epochs (0: only at the end).")
     at_end: bool = Field(True, description="Evaluate after the last step.")
-    backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
-    batch_size: int = Field(2, ge=1)
+    backend: Literal["faster_coco_eval", "pycocotools"] = Field(
+        "faster_coco_eval", description="COCO evaluation library (both give the same numbers)."
+    )
+    batch_size: int = Field(2, ge=1, description="Images per process per inference batch.")
     max_images: int | None = Field(None, ge=1, description="Evaluate only the first N validation images.")
     sigmas: list[float] | None = Field(None, description="OKS sigma per keypoint; COCO's 17 when null.")
     num_visualize: int = Field(4, ge=0, description="Validation images drawn with predictions per evaluation.")
@@ -135,11 +141,13 @@ class EvalConfig(Section):
 class CheckpointConfig(Section):
     """Checkpoints under output_dir/checkpoints/ and how a run resumes."""
 
-    every_steps: int = Field(500, ge=1)
-    keep_last: int = Field(3, ge=1)
+    every_steps: int = Field(500, ge=1, description="Global steps between periodic checkpoints.")
+    keep_last: int = Field(3, ge=1, description="Newest checkpoints kept (the one resumed from is kept too).")
     keep_every_epochs: int | None = Field(None, ge=1, description="Also keep the end-of-epoch checkpoint every K.")
     resume: str = Field("auto", description="auto (newest valid), none (fresh start), or a checkpoint URL/path.")
-    overwrite: bool = Field(False, description="With resume: none, allow an output_dir that has checkpoints.")
+    overwrite: bool = Field(
+        False, description="With resume: none, start over in an output_dir that has checkpoints (deletes them)."
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="Non-secret fsspec options (e.g. endpoint_url, region)."
     )
@@ -150,12 +158,18 @@ class CheckpointConfig(Section):
 
     @model_validator(mode="after")
     def _no_secrets(self) -> CheckpointConfig:
-        for key in self.storage_options:
-            if any(word in key.lower() for word in ("secret", "key", "token", "password")):
-                raise ValueError(
-                    f"storage_options.{key}: credentials do not belong in the config; "
-                    "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS credential chain"
-                )
+        def check(options: dict[str, Any], prefix: str) -> None:
+            # Nested too: s3fs passes client_kwargs / config_kwargs on to botocore.
+            for key, value in options.items():
+                if any(word in str(key).lower() for word in ("secret", "key", "token", "password")):
+                    raise ValueError(
+                        f"{prefix}.{key}: credentials do not belong in the config; "
+                        "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS credential chain"
+                    )
+                if isinstance(value, dict):
+                    check(value, f"{prefix}.{key}")
+
+        check(self.storage_options, "storage_options")
         return self
 
 
@@ -165,12 +179,12 @@ class TrackingConfig(Section):
     mode: Literal["disabled", "offline", "online"] = Field(
         "disabled", description="online: stream to W&B; offline: write locally for `wandb sync`; disabled: off."
     )
-    project: str = "dist_kp"
+    project: str = Field("dist_kp", description="W&B project.")
     entity: str | None = Field(None, description="W&B team or user; null: the login's default entity.")
     name: str | None = Field(None, description="Run name; null: the last part of output_dir.")
-    group: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    notes: str | None = None
+    group: str | None = Field(None, description="W&B run group.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    notes: str | None = Field(None, description="W&B run notes.")
 
     @model_validator(mode="before")
     @classmethod
@@ -188,7 +202,9 @@ class TrackingConfig(Section):
 class Config(Section):
     """A whole run. `output_dir` is a local path or any fsspec URL (s3://bucket/runs/exp1)."""
 
-    output_dir: str = "runs/default"
+    output_dir: str = Field(
+        "runs/default", description="Where the run writes everything: local path or fsspec URL (s3://bucket/run)."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

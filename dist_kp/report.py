@@ -201,6 +201,11 @@ def write_report(output_dir: str, out: str | None = None) -> list[str]:
             _write(f"{out}/predictions.png", f.read())
         written.append(f"{out}/predictions.png")
         log.info("predictions.png: ground truth (left) and predictions (right) at step %d", step)
+    steps, losses = history.series("train/loss")
+    smoothed_steps, smoothed = history.series("train/loss_smoothed")
+    if losses and smoothed:
+        log.info("training loss: %.3f at step %d, %.3f (smoothed) at step %d", losses[0], steps[0], smoothed[-1],
+                 smoothed_steps[-1])
     if history.evaluations:
         step, metrics = list(history.evaluations.items())[-1]
         log.info("newest evaluation, step %d: %s", step,

@@ -33,7 +33,7 @@ from dist_kp.engine import (
     check_replicas_identical,
     train_one_epoch,
 )
-from dist_kp.evaluation import evaluate_model
+from dist_kp.evaluation import EvaluationError, check_sigmas, evaluate_model
 from dist_kp.metrics import MetricsFile
 from dist_kp.model import build_model, weights_payload
 from dist_kp.tracking import start_tracking
@@ -93,6 +93,9 @@ def run(cfg: Config) -> int:
                      os.environ.get("SLURM_RESTART_COUNT", "0"))
 
     index = train_index(cfg)
+    evaluation_index = val_index(cfg) if cfg.eval.every_epochs or cfg.eval.at_end else None
+    if evaluation_index is not None:  # a wrong eval.sigmas fails now, not after the first epoch
+        check_sigmas(cfg.eval.sigmas, evaluation_index.meta.num_keypoints)
     loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device)
     model = build_model(cfg.model, index.meta.num_keypoints).to(info.device)
     if info.world_size > 1:
@@ -127,7 +130,6 @@ def run(cfg: Config) -> int:
             checkpointer.save(wait=True)
         return preempted
 
-    evaluation_index = val_index(cfg) if cfg.eval.every_epochs or cfg.eval.at_end else None
     evaluated_at = -1
     while not finished(progress, cfg):
         sampler.set_epoch(progress.epoch, start_batch=progress.batch)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except storage.StorageError as error:
+    except (storage.StorageError, EvaluationError) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 1
     except Exception:

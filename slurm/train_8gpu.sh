@@ -50,12 +50,13 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${SLURM_NTASKS} workers," \
      "master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}"
 
-# A signal for this shell (--signal=B:USR1@..., scancel --batch/--full, a SIGTERM) would end it and
-# with it the job while the workers save: the shell passes it on to the workers and waits for them.
+# A signal for this shell only (--signal=B:USR1@..., scancel --batch) would end it, and with it the
+# job, while the workers save: pass it on to the workers as SIGUSR1 (srun forwards SIGUSR1 to every
+# task; a SIGTERM it gets itself it answers by killing them) and keep waiting for them.
 workers=""
 pass_on() {
-    echo "batch shell: SIG$1, passed on to the workers"
-    [ -z "$workers" ] || kill -s "$1" "$workers" 2>/dev/null || true
+    echo "batch shell: SIG$1, passed on to the workers as SIGUSR1"
+    [ -z "$workers" ] || kill -s USR1 "$workers" 2>/dev/null || true
 }
 trap 'pass_on USR1' USR1
 trap 'pass_on TERM' TERM

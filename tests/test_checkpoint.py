@@ -186,6 +186,17 @@ def test_resume_none_refuses_an_output_dir_with_checkpoints(straight_run: Path, 
     assert "already holds checkpoints" in result.stderr and "checkpoint.overwrite=true" in result.stderr
 
 
+def test_resume_none_with_overwrite_deletes_the_earlier_runs_checkpoints(tmp_path: Path) -> None:
+    earlier = make_store(tmp_path)
+    for step in (10, 20):
+        earlier.write(step, tiny_state(step))
+    store = make_store(tmp_path, resume="none", overwrite=True)
+    assert store.resolve("none") is None
+    assert store.steps() == []
+    store.write(2, tiny_state(2))
+    assert store.latest()[0] == store.step_url(2)  # the next `resume: auto` continues the new run
+
+
 def test_keep_last_prunes_old_checkpoints_but_not_the_resumed_one(tmp_path: Path) -> None:
     store = make_store(tmp_path, keep_last=2)
     store.protected.add(1)

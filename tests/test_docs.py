@@ -19,3 +19,9 @@ def test_config_reference_names_every_key() -> None:
         keys = [f"{section}.{k}" for k in sub] if sub else [section]
         for key in keys:
             assert f"| `{key}` |" in text
+
+
+def test_config_reference_explains_every_key() -> None:
+    unexplained = [line.split("|")[1].strip() for line in render().splitlines()
+                   if line.startswith("| `") and not line.rstrip(" |").rsplit("|", 1)[-1].strip()]
+    assert not unexplained, f"config keys without a description: {unexplained}"

@@ -149,16 +149,17 @@ def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> N
     assert "submission refused" in result.stderr and "partition" in result.stderr.lower()
 
 
-def test_a_sigusr1_for_the_batch_shell_is_passed_on_to_the_workers_which_save_and_requeue(
-        slurm, synthetic_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_a_signal_for_the_batch_shell_is_passed_on_to_the_workers_which_save_and_requeue(
+        slurm, synthetic_root: Path, tmp_path: Path, sig: str) -> None:
     out = tmp_path / "run"
     job_id = sbatch(slurm, tmp_path, synthetic_root, out)
     wait_for_log(tmp_path, job_id, r"\] step 3 ")
-    slurm.run("scancel", "--batch", "--signal=USR1", job_id)  # as --signal=B:USR1@120 does: the batch shell only
+    slurm.run("scancel", "--batch", f"--signal={sig}", job_id)  # as --signal=B:USR1@120 does: the batch shell only
     log = wait_for_log(tmp_path, job_id, r"stopped by SIGUSR1: checkpoint saved, SLURM job \d+ requeued")
     slurm.run("scancel", job_id)  # the requeued run is the other tests' subject
     slurm.wait_job(job_id, timeout=120)
-    assert "batch shell: SIGUSR1, passed on to the workers" in log
+    assert f"batch shell: SIG{sig}, passed on to the workers as SIGUSR1" in log
     saved = int(re.findall(r"checkpoint step (\d+) saved", log)[-1])
     assert saved >= 3 and (out / "checkpoints" / f"step_{saved:08d}" / "manifest.json").exists()
 

@@ -284,7 +284,10 @@ def assert_drawn(path: Path, min_size: tuple[int, int] = (300, 200)) -> None:
 def test_report_writes_labelled_plots_of_the_run_metrics_and_the_pictures(straight_run, tmp_path: Path) -> None:
     out, _, _ = straight_run
     report = tmp_path / "report"
-    check(run_module("dist_kp.report", [str(out), "--out", str(report)]))
+    result = check(run_module("dist_kp.report", [str(out), "--out", str(report)]))
+    first, last = metrics_records(out)[1], metrics_records(out)[10]
+    assert (f"training loss: {first['train/loss']:.3f} at step 1, {last['train/loss_smoothed']:.3f} (smoothed) "
+            "at step 10") in result.stderr
     for name in ("losses.png", "lr.png", "throughput.png", "ap.png"):
         assert_drawn(report / name)
     assert (report / "predictions.png").read_bytes() == (out / "eval" / "00000010" / "predictions.png").read_bytes()

@@ -58,3 +58,14 @@ def test_a_diverging_loss_stops_every_rank_with_the_step_and_terms(tmp_path: Pat
     assert time.monotonic() - started < 200
     assert re.search(r"non-finite loss at step \d+ .*loss_keypoint", result.stderr)
     assert "[rank0] ERROR" in result.stderr and "[rank1] ERROR" in result.stderr
+
+
+def test_oks_sigmas_of_the_wrong_length_stop_the_run_before_the_first_step(tmp_path: Path,
+                                                                            synthetic_root: Path) -> None:
+    out = tmp_path / "sigmas"
+    args = ["--config", str(TINY_CONFIG),
+            *tiny_overrides(synthetic_root, out, "eval.sigmas=[0.5,0.5,0.5,0.5]", "train.max_steps=4", "train.workers=0")]
+    result = run_module("dist_kp.train", args)
+    assert result.returncode == 1
+    assert "eval.sigmas has 4 OKS sigmas but the dataset has 17 keypoints" in result.stderr
+    assert "Traceback" not in result.stderr and not (out / "metrics.jsonl").exists()
