@@ -190,6 +190,9 @@ def test_offline_run_holds_losses_at_logged_steps_ap_at_eval_steps_and_predictio
         for name in row["predictions/filenames"]:
             assert (run.folder / "files" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (out / "eval" / f"{step:08d}" / "predictions.png").stat().st_size > 1000
+    # The same validation images at every evaluation, so that the pictures show the model's progress.
+    captions = [row["predictions/captions"] for row in evaluations.values()]
+    assert len(captions[0]) == NUM_PICTURES and all(c == captions[0] for c in captions)
     # Every checkpoint (every 4 steps, epoch ends, the end) in its own step's row, however long its upload took.
     urls = {step: row["checkpoint/url"] for step, row in run.rows_with("checkpoint/url").items()}
     assert urls == {step: f"{out}/checkpoints/step_{step:08d}" for step in (4, 6, 8, 10)}
