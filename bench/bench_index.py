@@ -321,8 +321,9 @@ def loader_rate(kind: str, annotations: str, images: str, passes: int, workers: 
     if kind == "reference":
         dataset = ReferenceDataset(annotations, images)
         keys = list(range(len(dataset)))
+        collate = lambda batch: tuple(zip(*batch))  # noqa: E731 - the reference's utils.collate_fn
     else:
-        from dist_kp.data.coco import KeypointDataset, SampleKey, load_index
+        from dist_kp.data.coco import KeypointDataset, SampleKey, collate, load_index
 
         dataset = KeypointDataset(load_index(annotations), images, train=True, min_visible_keypoints=0,
                                   hflip_prob=0.5)
@@ -337,7 +338,7 @@ def loader_rate(kind: str, annotations: str, images: str, passes: int, workers: 
         return {"images_per_s": passes * len(keys) / (time.perf_counter() - start)}
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=[keys[i:i + 2] for i in range(0, len(keys), 2)] * passes, num_workers=workers,
-        collate_fn=lambda batch: tuple(zip(*batch)), prefetch_factor=4)
+        collate_fn=collate, prefetch_factor=4)
     iterator = iter(loader)
     next(iterator)  # worker start-up is not part of the rate
     start = time.perf_counter()

@@ -163,7 +163,10 @@ def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
     if not is_distributed():
         return [obj]
     out: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
-    dist.gather_object(obj, out, dst=dst)
+    # `dst` keeps its own object as it is: gather_object would pickle and unpickle it too.
+    dist.gather_object(None if out is not None else obj, out, dst=dst)
+    if out is not None:
+        out[dst] = obj
     return out
 
 
