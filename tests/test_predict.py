@@ -82,13 +82,15 @@ def test_missing_and_undecodable_images_are_named_and_the_others_done(
     (folder / "truncated.png").write_bytes((synthetic_root / "val2017" / good[0].name).read_bytes()[:200])
     (folder / "notes.txt").write_text("not an image and not asked for")
     missing = tmp_path / "missing.jpg"
+    broken = tmp_path / "broken.jpg"  # named in the input list itself, not found in a folder
+    broken.write_bytes(b"GIF89a not a jpeg either")
     out = tmp_path / "out"
 
-    result = predict("--weights", str(trained_weights), "--images", str(folder), str(missing), "--out", str(out),
+    result = predict("--weights", str(trained_weights), "--images", str(folder), str(missing), str(broken), "--out", str(out),
                      "--score-threshold", "0")
 
     assert result.returncode == 1, result.stderr[-3000:]
-    for name in ("corrupt.jpg", "truncated.png", "missing.jpg"):
+    for name in ("corrupt.jpg", "truncated.png", "missing.jpg", "broken.jpg"):
         assert any(name in line and "ERROR" in line for line in result.stderr.splitlines()), name
     assert "notes.txt" not in result.stderr
     assert sorted(p.name for p in out.glob("*.png")) == ["beach.png", "street.png"]
