@@ -372,9 +372,10 @@ class Checkpointer:
     `save` is collective (every rank hands over its RNG states); rank 0 writes in the background.
     """
 
-    def __init__(self, store: CheckpointStore, train_state: TrainState) -> None:
+    def __init__(self, store: CheckpointStore, train_state: TrainState, steps_per_epoch: int) -> None:
         self.store = store
         self.state = train_state
+        self.steps_per_epoch = steps_per_epoch
         self.last_saved_step = train_state.progress.step if train_state.progress.step else -1
 
     def save(self, epoch_end: bool = False, wait: bool = False) -> None:
@@ -392,7 +393,8 @@ class Checkpointer:
         """Step hook for engine.train_one_epoch; surfaces a failed background save."""
         if distributed.is_main_process():
             self.store.raise_pending()
-        if progress.step % self.store.cfg.every_steps == 0:
+        # An epoch's last step is saved next as the epoch end (kept by keep_every_epochs), not here.
+        if progress.step % self.store.cfg.every_steps == 0 and progress.batch != self.steps_per_epoch:
             self.save()
         return False
 

@@ -108,7 +108,7 @@ def run(cfg: Config) -> int:
     progress = TrainProgress()
     train_state = TrainState(model, optimizer, scheduler, scaler, progress, cfg)
     resumed = resume_training(store, train_state)
-    checkpointer = Checkpointer(store, train_state)
+    checkpointer = Checkpointer(store, train_state, sampler.batches_per_epoch)
     metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
     tracker = start_tracking(cfg, train_state, metrics)
     store.on_started, store.on_saved = tracker.checkpoint_started, tracker.checkpoint_saved

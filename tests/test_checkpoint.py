@@ -218,6 +218,20 @@ def test_keep_every_epochs_also_keeps_those_epoch_end_checkpoints(tmp_path: Path
     assert store.steps() == [6, 12, 13]
 
 
+def test_an_epoch_end_on_a_periodic_step_is_saved_as_the_epoch_end_and_kept(synthetic_root: Path,
+                                                                           tmp_path: Path) -> None:
+    # 6 steps per epoch at 2 processes: step 6 is both every_steps=3's and the end of epoch 0.
+    out = tmp_path / "run"
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, out, "train.max_steps=8", "checkpoint.every_steps=3", "checkpoint.keep_last=1",
+        "checkpoint.keep_every_epochs=1", "train.workers=0", "eval.every_epochs=0", "eval.at_end=false")]
+    result = check(run_module("dist_kp.train", args, nproc=2))
+    assert "6 steps per epoch per rank" in result.stderr
+    store = make_store(out)
+    assert store.steps() == [6, 8]
+    assert (store.manifest(6)["epoch"], store.manifest(6)["epoch_end"]) == (1, True)
+
+
 def test_pruning_removes_partial_folders_older_than_the_newest_checkpoint(tmp_path: Path) -> None:
     store = make_store(tmp_path, keep_last=2)
     store.write(2, tiny_state(2))
