@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 from types import FrameType
@@ -86,5 +87,12 @@ class PreemptionHandler:
             return False
         if "Requeue=1" not in text:
             log.warning("SLURM job %s was submitted without --requeue; not requeueing", job_id)
+            return False
+        state = re.search(r"JobState=(\S+)", text)
+        if state and state.group(1) != "RUNNING":
+            # A warning (--signal=USR1@120, scancel --signal, a preemption's grace time) comes while
+            # the job runs; `scancel JOB` makes it COMPLETING at once: the user wants it gone.
+            log.warning("SLURM job %s is %s (cancelled, or SLURM requeues it itself): not requeueing; "
+                        "submit the same command again to resume", job_id, state.group(1))
             return False
         return True

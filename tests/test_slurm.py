@@ -164,6 +164,21 @@ def test_a_signal_for_the_batch_shell_is_passed_on_to_the_workers_which_save_and
     assert saved >= 3 and (out / "checkpoints" / f"step_{saved:08d}" / "manifest.json").exists()
 
 
+def test_scancel_of_the_job_saves_a_checkpoint_and_does_not_requeue(slurm, synthetic_root: Path,
+                                                                    tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    job_id = sbatch(slurm, tmp_path, synthetic_root, out, "train.max_steps=400")
+    wait_for_log(tmp_path, job_id, r"\] step 3 ")
+    slurm.run("scancel", job_id)  # SIGTERM to every process of the job: the user ends it
+    log = wait_for_log(tmp_path, job_id, r"SLURM job \d+ is COMPLETING .*not requeueing")
+    time.sleep(10)  # a requeued job would be running again by now (~6.5 s on this cluster)
+    info = slurm.job(job_id)
+    assert info["JobState"] == "CANCELLED" and info.get("Restarts") == "0", info
+    assert "restart count 1" not in job_log(tmp_path, job_id)
+    saved = int(re.findall(r"checkpoint step (\d+) saved", log)[-1])
+    assert saved >= 3 and (out / "checkpoints" / f"step_{saved:08d}" / "manifest.json").exists()
+
+
 def test_sigterm_under_torchrun_saves_exits_nonzero_and_more_signals_during_the_save_do_not_corrupt_it(
         uninterrupted, synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
