@@ -318,3 +318,27 @@ def test_report_reads_a_run_on_s3(straight_run, s3_server, tmp_path: Path) -> No
                      env=child_env(**s3_server.env())))
     for name in ("losses.png", "lr.png", "throughput.png", "ap.png", "predictions.png"):
         assert (report / name).stat().st_size > 1000
+
+
+def test_a_wandb_failure_mid_run_turns_tracking_off_once_and_records_go_on(tmp_path: Path, monkeypatch,
+                                                                            caplog) -> None:
+    from dist_kp.metrics import MetricsFile
+    from dist_kp.tracking import Tracker
+
+    for key, value in wandb_env(tmp_path / "wandb").items():
+        if key.startswith("WANDB_"):
+            monkeypatch.setenv(key, value)
+    (tmp_path / "run").mkdir()
+    cfg = load_config(TINY_CONFIG, [f"output_dir={tmp_path / 'run'}", "tracking.mode=offline"])
+    metrics = MetricsFile(str(tmp_path / "run" / "metrics.jsonl"))
+    tracker = Tracker(cfg, metrics, run_id="midrun1")
+    tracker.record({"step": 1, "train/loss": 2.5})
+    tracker.run.finish()  # the W&B run goes away under the tracker: its next log call raises
+    with caplog.at_level("WARNING", logger="dist_kp.tracking"):
+        for step in (2, 3, 4):
+            tracker.record({"step": step, "train/loss": 2.0})
+        tracker.checkpoint_started(4, "file:///run/checkpoints/step_00000004")
+    assert tracker.run is None
+    assert len([r for r in caplog.records if "training goes on without W&B" in r.getMessage()]) == 1
+    assert [r["step"] for r in metrics.records] == [1, 2, 3, 4]
+    tracker.finish()
