@@ -354,7 +354,7 @@ def _rebuild_targets(targets: list[dict[str, np.ndarray]]) -> TargetList:
 class TargetList(list):
     """A batch's targets. From a loader worker they travel inside the message as array bytes:
     as tensors each of the ~6 small tensors per image would get a shared-memory file of its own,
-    which made a worker's batches reach the training process 2.5x slower (bench/bench_index.py)."""
+    which made a worker's batches reach the training process about 2x slower (bench/bench_index.py)."""
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_targets, ([{key: value.numpy() for key, value in target.items()} for target in self],)
