@@ -347,8 +347,7 @@ class CheckpointStore:
                 # Left in place, the old run's later steps would win every prune and the next resume.
                 log.warning("checkpoint.overwrite=true: deleting the %d checkpoints of the earlier run in %s",
                             len(old), self.url)
-                for step in old:
-                    self.fs.rm(self._step_path(step), recursive=True)
+                self.fs.rm(self.path, recursive=True)
             return None
         if resume == "auto":
             return self.latest()

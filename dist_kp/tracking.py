@@ -184,6 +184,7 @@ class Tracker(NoTracking):
             return None
 
     def _log(self, data: dict[str, Any], step: int) -> None:
+        self._newest_stored()
         if self.run is None:
             return
         if step <= self.resume_after:
@@ -208,7 +209,6 @@ class Tracker(NoTracking):
     def record(self, record: dict[str, Any]) -> None:
         """A training record (step, lr, train/<loss>, images_per_s, ...): metrics.jsonl first, then W&B."""
         self.metrics.append(record)
-        self._newest_stored()
         self._log({k: v for k, v in record.items() if k != "step"}, int(record["step"]))
 
     def checkpoint_started(self, step: int, url: str) -> None:
@@ -217,7 +217,6 @@ class Tracker(NoTracking):
         Logged at hand-off, not when the upload ends, so that every checkpoint has its row even when
         several uploads end between two logged steps.
         """
-        self._newest_stored()
         self._log({"checkpoint/step": step, "checkpoint/url": url}, step)
 
     def checkpoint_saved(self, step: int, url: str) -> None:
@@ -228,7 +227,6 @@ class Tracker(NoTracking):
     def evaluation(self, step: int, output: EvalOutput, index: KeypointIndex) -> None:
         """AP summaries to W&B; pictures of a fixed set of validation images to PNG (and W&B)."""
         pictures = self._pictures(step, output.results or [], index)
-        self._newest_stored()
         data: dict[str, Any] = dict(output.metrics)
         if pictures and self.run is not None:
             import wandb

@@ -53,24 +53,23 @@ echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NOD
 # A signal for this shell only (--signal=B:USR1@..., scancel --batch) would end it, and with it the
 # job, while the workers save: pass it on to the workers as SIGUSR1 (srun forwards SIGUSR1 to every
 # task; a SIGTERM it gets itself it answers by killing them) and keep waiting for them.
-workers=""
+srun_pid=""
 pass_on() {
     echo "batch shell: SIG$1, passed on to the workers as SIGUSR1"
-    [ -z "$workers" ] || kill -s USR1 "$workers" 2>/dev/null || true
+    [ -z "$srun_pid" ] || kill -s USR1 "$srun_pid" 2>/dev/null || true
 }
 trap 'pass_on USR1' USR1
 trap 'pass_on TERM' TERM
 
-# srun (not torchrun) starts the workers, so SLURM's SIGUSR1 reaches every one of them; srun
-# forwards the signals the shell passes on.
+# srun (not torchrun) starts the workers, so SLURM's SIGUSR1 reaches every one of them.
 # --kill-on-bad-exit: a worker that fails ends the step at once instead of leaving the others hanging.
 srun --kill-on-bad-exit=1 --cpu-bind=none \
     "$PYTHON" -m dist_kp.train --config "$CONFIG" "$@" "${ENV_OVERRIDES[@]}" &
-workers=$!
+srun_pid=$!
 # A trap runs only while the shell waits, and ends that wait: wait again until srun is gone.
 while true; do
     status=0
-    wait "$workers" || status=$?
-    kill -0 "$workers" 2>/dev/null || break
+    wait "$srun_pid" || status=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
 done
 exit "$status"

@@ -359,6 +359,10 @@ class TargetList(list):
     def __reduce__(self) -> tuple[Any, ...]:
         return _rebuild_targets, ([{key: value.numpy() for key, value in target.items()} for target in self],)
 
+    def __copy__(self) -> TargetList:
+        # pin_memory copies the batch with copy.copy: a shallow copy, not a trip through __reduce__.
+        return TargetList(self)
+
 
 def collate(batch: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], int]:
     """Lists of images and targets (sizes differ), plus how many unreadable images were skipped."""
