@@ -1,13 +1,20 @@
-"""Evaluation benchmark at val2017 scale (issue 3).
+"""Evaluation benchmark at val2017 scale (issues 3 and 15).
 
-    .venv/bin/python bench/bench_eval.py [--images 5000] [--dets 20]
+    .venv/bin/python bench/bench_eval.py [--images 5000] [--dets 20] [--repeats 1]
 
 Generates ground truth (5,000 images, ~11,000 person annotations) and predictions (~20 per
-image), then times keypoints + boxes together:
-  (a) the reference scripts' way: pycocotools COCOeval.evaluate per batch of 1 image as
-      predictions arrive, then merge + accumulate;
-  (b) dist_kp's evaluate_distributed at 1 and 2 processes (torchrun, gloo), each backend.
-Every variant's stats are checked to be identical.
+image), then times keypoints + boxes together, side by side in one run:
+  (a) the reference scripts' way (torchvision references' CocoEvaluator): pycocotools
+      COCOeval.evaluate per batch of 1 image as predictions arrive, keypoint records without
+      boxes (COCO's keypoint results format), then merge + accumulate;
+  (b) dist_kp's evaluate_distributed at 1 and 2 processes (torchrun, gloo), each backend, with
+      the time per phase of rank 0 (ground truth, detections, matching, gather, merge);
+  (c) `python -m dist_kp.evaluate --annotations --results` as a whole process, each backend, and
+      its phases in one process (imports, JSON load, ground truth, checks, matching, merge);
+  (d) result records from model outputs: per 100,000 detections, numpy over a batch against
+      the per-detection Python it replaced.
+Every variant's stats are checked against (a): pycocotools bit for bit, faster_coco_eval
+within 1e-12 (see dist_kp.evaluation for what "exact" means).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import io
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,8 @@ import numpy as np
 
 log = logging.getLogger("bench_eval")
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+TOLERANCE = 1e-12
 
 
 def make_data(num_images: int, dets_per_image: int, seed: int = 0) -> tuple[dict, list[dict]]:
@@ -72,11 +82,12 @@ def reference_style(gt_path: Path, results: list[dict]) -> dict[str, list[float]
 
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
-        by_image: dict[int, list[dict]] = {}
-        for r in results:
-            by_image.setdefault(r["image_id"], []).append(r)
         stats = {}
         for iou_type in ("keypoints", "bbox"):
+            by_image: dict[int, list[dict]] = {}
+            for r in results:  # the reference's prepare_for_coco_keypoint gives no box
+                by_image.setdefault(r["image_id"], []).append(
+                    {k: v for k, v in r.items() if k != "bbox"} if iou_type == "keypoints" else r)
             evaluator = COCOeval(gt, iouType=iou_type)
             img_ids, eval_imgs = [], []
             for image_id in sorted(gt.getImgIds()):
@@ -97,11 +108,19 @@ def reference_style(gt_path: Path, results: list[dict]) -> dict[str, list[float]
     return stats
 
 
+def timed(phases: dict[str, float], name: str, call, *args, **kwargs):
+    start = time.perf_counter()
+    value = call(*args, **kwargs)
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+    return value
+
+
 def worker(gt_path: str, results_path: str, backend: str, out: str) -> None:
-    """One rank: its shard of the images and their results, then evaluate_distributed."""
+    """One rank: its shard of the images and their results; evaluate_distributed, then the same phase by phase."""
     from dist_kp import distributed
     from dist_kp.data.coco import load_index
-    from dist_kp.evaluation import evaluate_distributed
+    from dist_kp.evaluation import (
+        STAT_NAMES, backend_for, check_sigmas, detection_sets, evaluate_distributed, ground_truth)
 
     distributed.init_distributed("cpu")
     index = load_index(gt_path)
@@ -114,18 +133,89 @@ def worker(gt_path: str, results_path: str, backend: str, out: str) -> None:
     start = time.perf_counter()
     output = evaluate_distributed(index, positions, local, backend, None)
     elapsed = time.perf_counter() - start
+    # The calls evaluate_distributed makes, one timer each (rank 0's times).
+    distributed.barrier()
+    phases: dict[str, float] = {}
+    library, sigmas = backend_for(backend), check_sigmas(None, index.meta.num_keypoints)
+    gt = timed(phases, "ground truth", lambda: library.coco(ground_truth(index, positions)))
+    dts = timed(phases, "detections", detection_sets, library, gt, local, tuple(STAT_NAMES))
+    ids = [int(index.image_ids[i]) for i in positions]
+    parts = timed(phases, "matching", lambda: {t: library.match(gt, dts[t], t, sigmas, ids) for t in STAT_NAMES})
+    gathered = timed(phases, "gather", distributed.gather_objects, (parts, local))
+    if gathered is not None:
+        timed(phases, "merge", lambda: {t: library.merge(t, [p[t] for p, _ in gathered]) for t in STAT_NAMES})
     if rank == 0:
-        Path(out).write_text(json.dumps({"seconds": elapsed, "metrics": output.metrics}))
+        Path(out).write_text(json.dumps({"seconds": elapsed, "metrics": output.metrics, "phases": phases}))
     distributed.cleanup()
 
 
-def run_dist_kp(nproc: int, backend: str, gt_path: Path, results_path: Path, tmp: Path) -> tuple[float, dict]:
+def run_dist_kp(nproc: int, backend: str, gt_path: Path, results_path: Path, tmp: Path) -> dict:
     out = tmp / f"{backend}_{nproc}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            __file__, "--worker", str(gt_path), str(results_path), backend, str(out)]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
-    data = json.loads(out.read_text())
-    return data["seconds"], data["metrics"]
+    return json.loads(out.read_text())
+
+
+def cli_phases(gt_path: Path, results_path: Path, backend: str) -> dict[str, float]:
+    """The phases of `evaluate --annotations --results`, in this process (imports measured apart)."""
+    from dist_kp.data.coco import load_index
+    from dist_kp.evaluate import read_results
+    from dist_kp.evaluation import STAT_NAMES, backend_for, check_results, check_sigmas, detection_sets, ground_truth
+
+    phases: dict[str, float] = {}
+    results = timed(phases, "JSON load", read_results, str(results_path))
+    index = timed(phases, "ground truth", load_index, str(gt_path))
+    dataset = timed(phases, "ground truth", ground_truth, index)
+    timed(phases, "checks", check_results, results, "results", set(index.image_ids.tolist()), 1, 17)
+    library, sigmas = backend_for(backend), check_sigmas(None, 17)
+    gt = timed(phases, "ground truth", library.coco, dataset)
+    dts = timed(phases, "matching", detection_sets, library, gt, results, tuple(STAT_NAMES))
+    ids = sorted(gt.getImgIds())
+    parts = timed(phases, "matching", lambda: {t: library.match(gt, dts[t], t, sigmas, ids) for t in STAT_NAMES})
+    timed(phases, "merge", lambda: {t: library.merge(t, [parts[t]]) for t in STAT_NAMES})
+    return phases
+
+
+def run_cli(gt_path: Path, results_path: Path, backend: str, tmp: Path) -> tuple[float, dict]:
+    out = tmp / f"cli_{backend}"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dist_kp.evaluate", "--annotations", str(gt_path), "--results",
+                    str(results_path), "--backend", backend, "--out", str(out)], check=True, cwd=REPO,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    return time.perf_counter() - start, json.loads((out / "metrics.json").read_text())
+
+
+def import_seconds() -> float:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import dist_kp.evaluate"], check=True, cwd=REPO,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return time.perf_counter() - start
+
+
+def record_building(num: int = 100_000, per_image: int = 20) -> tuple[float, float]:
+    """Seconds to turn `num` detections of model outputs into result records: numpy batch, per detection."""
+    from dist_kp.evaluation import outputs_to_results
+    from tests.test_eval_records import fake_output, per_detection_reference
+
+    rng = np.random.default_rng(0)
+    outputs = [fake_output(rng, per_image, ties=False) for _ in range(num // per_image)]
+    ids = list(range(len(outputs)))
+    start = time.perf_counter()
+    new = [r for i in range(0, len(outputs), 2) for r in outputs_to_results(outputs[i:i + 2], ids[i:i + 2], 1)]
+    batch_s = time.perf_counter() - start
+    start = time.perf_counter()
+    old = per_detection_reference(outputs, ids, 1)
+    old_s = time.perf_counter() - start
+    assert json.dumps(new) == json.dumps(old)
+    return batch_s, old_s
+
+
+def agrees(metrics: dict[str, float], baseline: dict[str, float], backend: str) -> str:
+    if backend == "pycocotools":
+        return "bit for bit" if metrics == baseline else "NO"
+    worst = max(abs(metrics[k] - baseline[k]) for k in baseline) if metrics.keys() == baseline.keys() else 1.0
+    return f"within {TOLERANCE:g} (max diff {worst:.1e})" if worst <= TOLERANCE else f"NO (max diff {worst:.1e})"
 
 
 def main() -> None:
@@ -135,6 +225,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dets", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each dist_kp variant (median reported)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from dist_kp.evaluation import metrics_dict
@@ -149,20 +240,31 @@ def main() -> None:
         start = time.perf_counter()
         baseline = metrics_dict(reference_style(gt_path, results))
         base_s = time.perf_counter() - start
-        rows = [("(a) reference: pycocotools per 1-image batch", base_s, baseline)]
+        log.info("| variant | seconds | speed-up vs (a) | stats against (a) | phases (rank 0, s) |")
+        log.info("|---|---|---|---|---|")
+        log.info("| (a) reference: pycocotools per 1-image batch | %.1f | 1.0x | - | - |", base_s)
+        whole = {}
         for backend in ("pycocotools", "faster_coco_eval"):
             for nproc in (1, 2):
-                seconds, metrics = run_dist_kp(nproc, backend, gt_path, results_path, tmp)
-                rows.append((f"(b) dist_kp {backend}, {nproc} process{'es' if nproc > 1 else ''}", seconds, metrics))
-        log.info("| variant | seconds | speed-up vs (a) | stats identical to (a) |")
-        log.info("|---|---|---|---|")
-        for name, seconds, metrics in rows:
-            log.info("| %s | %.1f | %.1fx | %s |", name, seconds, base_s / seconds, metrics == baseline)
-        times = {name: s for name, s, _ in rows}
+                runs = [run_dist_kp(nproc, backend, gt_path, results_path, tmp) for _ in range(args.repeats)]
+                seconds = statistics.median(r["seconds"] for r in runs)
+                whole[backend, nproc] = seconds
+                phases = ", ".join(f"{k} {v:.2f}" for k, v in runs[0]["phases"].items())
+                log.info("| (b) dist_kp %s, %d process%s | %.1f | %.1fx | %s | %s |", backend, nproc,
+                         "es" if nproc > 1 else "", seconds, base_s / seconds,
+                         agrees(runs[0]["metrics"], baseline, backend), phases)
+        imports = import_seconds()
         for backend in ("pycocotools", "faster_coco_eval"):
-            one = times[f"(b) dist_kp {backend}, 1 process"]
-            two = times[f"(b) dist_kp {backend}, 2 processes"]
-            log.info("%s: 2 processes are %.2fx faster than 1", backend, one / two)
+            seconds, metrics = run_cli(gt_path, results_path, backend, tmp)
+            phases = {"imports": imports, **cli_phases(gt_path, results_path, backend)}
+            log.info("| (c) evaluate --results, %s, whole process | %.1f | %.1fx | %s | %s |", backend, seconds,
+                     base_s / seconds, agrees(metrics, baseline, backend),
+                     ", ".join(f"{k} {v:.2f}" for k, v in phases.items()))
+        batch_s, old_s = record_building()
+        log.info("(d) result records per 100,000 detections: %.2f s numpy over batches of 2 images, %.2f s per "
+                 "detection (%.1fx)", batch_s, old_s, old_s / batch_s)
+        for backend in ("pycocotools", "faster_coco_eval"):
+            log.info("%s: 2 processes take %.2fx the time of 1", backend, whole[backend, 2] / whole[backend, 1])
 
 
 if __name__ == "__main__":

@@ -237,7 +237,9 @@ def parse_only(annotations: str, how: str) -> dict:
 
 
 def same_as_json(annotations: str, cache_dir: str) -> dict:
-    """The cached index equals json.load + index_from_coco at full scale (arrays and file names)."""
+    """The cached index equals json.load + index_from_coco at full scale (arrays and file names).
+
+    Both feed coco.IndexBuilder: this checks the streaming cut of the file into slices at COCO scale."""
     from dist_kp.data.coco import index_from_coco, trainable_images
     from dist_kp.data.index_cache import cached_index
 

@@ -2,8 +2,8 @@
 
 Layout: one folder per global step, `step_00001200/` holding `state.pt` and `manifest.json`
 (size and sha256 of state.pt), the manifest written last. A folder without a manifest that
-matches its files is not a checkpoint. `TrainState` is the one place that says what a
-checkpoint holds.
+matches its files is not a checkpoint. What a checkpoint holds is `RunState`'s business; this
+module stores, lists, validates, loads and prunes them.
 """
 
 from __future__ import annotations
@@ -14,135 +14,45 @@ import io
 import json
 import logging
 import os
-import random
-import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torchvision
-from torch import nn
 
-from dist_kp import distributed, storage
-from dist_kp.config import CheckpointConfig, Config
-from dist_kp.engine import TrainProgress
-from dist_kp.model import unwrap
+from dist_kp import storage
+from dist_kp.config import CheckpointConfig
+from dist_kp.run_folder import CHECKPOINT_MANIFEST as MANIFEST
+from dist_kp.run_folder import CHECKPOINT_STATE as STATE_FILE
+from dist_kp.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-MANIFEST = "manifest.json"
+# Told (step, url) of a checkpoint: when it is handed to the writer, and once it is stored.
+SaveListener = Callable[[int, str], None]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names it."""
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random states, as tensors and plain Python values (weights_only-safe)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, python_state, python_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                  "has_gauss": has_gauss, "gauss": gauss},
-        "python": {"version": version, "state": list(python_state), "gauss": python_gauss},
-    }
+def new_lineage() -> str:
+    """An id for the checkpoints of a run that starts fresh or branches from an explicit checkpoint."""
+    return uuid.uuid4().hex[:12]
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+def normalized_url(url: str) -> str:
+    """One spelling per checkpoint location: local paths absolute, no trailing slash."""
+    url = url.rstrip("/")
+    return os.path.abspath(storage.local_path(url)) if storage.is_local_url(url) else url
 
 
-def cpu_copy(obj: Any) -> Any:
-    """A deep copy with every tensor on the CPU: training may go on changing the originals."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def versions() -> dict[str, str]:
-    try:
-        own = metadata.version("dist_kp")
-    except metadata.PackageNotFoundError:
-        own = "unknown"
-    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "dist_kp": own,
-            "git_commit": _git_commit()}
-
-
-@dataclass
-class TrainState:
-    """Everything a checkpoint holds, and how each part is captured and restored."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    progress: TrainProgress
-    config: Config
-    tracking_run_id: str = ""
-    versions: dict[str, str] = field(default_factory=versions)
-
-    def capture(self, epoch_end: bool = False) -> dict[str, Any] | None:
-        """A CPU snapshot on rank 0, None elsewhere (collective: every rank hands over its RNG states)."""
-        rng = distributed.gather_objects(rng_state())
-        if not distributed.is_main_process():
-            return None  # DDP replicas are identical: only rank 0 pays for the copy
-        return cpu_copy({
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "progress": self.progress.to_dict(),
-            "epoch_end": epoch_end,
-            "rng": rng,
-            "world_size": distributed.get_world_size(),
-            "config": self.config.model_dump(mode="json"),
-            "tracking_run_id": self.tracking_run_id,
-            "versions": self.versions,
-        })
-
-    def restore(self, state: dict[str, Any], source: str) -> None:
-        """Load a snapshot into the live objects; each rank takes its own RNG states."""
-        unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.progress.epoch, self.progress.batch, self.progress.step = (
-            state["progress"]["epoch"], state["progress"]["batch"], state["progress"]["step"])
-        self.tracking_run_id = state.get("tracking_run_id", "")
-        rank, saved_world = distributed.get_rank(), state["world_size"]
-        if saved_world == distributed.get_world_size():
-            set_rng_state(state["rng"][rank])
-        else:
-            log.warning("%s was saved by %d processes, now %d: random states restart from the seed (the data "
-                        "order per rank changes too)", source, saved_world, distributed.get_world_size())
+def _created(manifest: dict[str, Any]) -> float:
+    created = manifest.get("created", 0.0)
+    return float(created) if isinstance(created, (int, float)) else 0.0
 
 
 def _sha256(data: bytes) -> str:
@@ -156,40 +66,39 @@ def _lower_thread_priority() -> None:
 
 
 class CheckpointStore:
-    """Save, list, validate, load and prune checkpoints under OUTPUT_DIR/checkpoints/.
+    """Save, list, validate, load and prune the checkpoints of one run folder.
 
     Saves run in one background thread (at most one in flight); an error in a save is raised
     by the next call to `save` or `raise_pending`, and `wait` blocks until the last is done.
     """
 
-    def __init__(self, output_dir: str, cfg: CheckpointConfig) -> None:
-        self.url = f"{output_dir.rstrip('/')}/checkpoints"
+    def __init__(self, folder: RunFolder, cfg: CheckpointConfig) -> None:
+        self.folder = folder
+        self.url = folder.checkpoints
         self.cfg = cfg
-        self.fs, self.path = storage.url_to_fs(self.url)
-        self.protected: set[int] = set()
+        self.storage = folder.storage
+        self.fs, self.path = self.storage.url_to_fs(self.url)
+        self._protected: set[int] = set()
+        # The lineage this run's saves belong to (chosen by `resolve`), and the checkpoint it branched from.
+        self.lineage = ""
+        self.origin: str | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint",
                                                            initializer=_lower_thread_priority)
         self._pending: concurrent.futures.Future | None = None
-        # Told (step, url) of each checkpoint handed to the writer (main thread) and of each stored
-        # one (saving thread): W&B gets the URL.
-        self.on_started: Callable[[int, str], None] | None = None
-        self.on_saved: Callable[[int, str], None] | None = None
 
     def step_url(self, step: int) -> str:
-        return f"{self.url}/step_{step:08d}"
+        return self.folder.checkpoint(step)
 
     def _step_path(self, step: int) -> str:
-        return f"{self.path}/step_{step:08d}"
+        return self.storage.url_to_fs(self.step_url(step))[1]
+
+    def protect(self, step: int) -> None:
+        """Never prune this step (the checkpoint this run resumed from)."""
+        self._protected.add(step)
 
     def steps(self) -> list[int]:
         """Steps that have a checkpoint folder (valid or not), oldest first."""
-        try:
-            if not self.fs.exists(self.path):
-                return []
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
-        except Exception as error:  # noqa: BLE001 - every backend error becomes a named StorageError
-            raise storage.explain(error, self.url) from error
-        return sorted(int(n[5:]) for n in names if n.startswith("step_") and n[5:].isdigit())
+        return self.folder.checkpoint_steps()
 
     def write(self, step: int, state: dict[str, Any]) -> str:
         """Serialize and store one checkpoint, manifest last; then prune. Returns its URL."""
@@ -198,32 +107,35 @@ class CheckpointStore:
         data = buffer.getbuffer()  # no copy of a possibly large buffer
         folder = self._step_path(step)
         manifest = {"step": step, "epoch": state["progress"]["epoch"], "epoch_end": state["epoch_end"],
-                    "created": time.time(), "files": {STATE_FILE: {"size": len(data), "sha256": _sha256(data)}}}
+                    "created": time.time(), "lineage": self.lineage, "origin": self.origin,
+                    "files": {STATE_FILE: {"size": len(data), "sha256": _sha256(data)}}}
         try:
             # The manifest goes last: until it is stored the folder is not a checkpoint.
             storage.write_file(self.fs, f"{folder}/{STATE_FILE}", data)
             storage.write_file(self.fs, f"{folder}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
         except Exception as error:  # noqa: BLE001
-            raise storage.explain(error, self.step_url(step)) from error
+            raise self.storage.explain(error, self.step_url(step)) from error
         self.prune()
         return self.step_url(step)
 
-    def save(self, step: int, state: dict[str, Any]) -> None:
+    def save(self, step: int, state: dict[str, Any], on_started: SaveListener | None = None,
+             on_saved: SaveListener | None = None) -> None:
         """Write `state` (a CPU snapshot) in the background; rank 0 only.
 
         Waits for the save in flight first (at most one), raising its error as CheckpointError.
+        `on_started` is called now, `on_saved` from the writing thread once the checkpoint is stored.
         """
         self.wait()
-        self._pending = self._pool.submit(self._write_logged, step, state)
-        if self.on_started is not None:
-            self.on_started(step, self.step_url(step))
+        self._pending = self._pool.submit(self._write_logged, step, state, on_saved)
+        if on_started is not None:
+            on_started(step, self.step_url(step))
 
-    def _write_logged(self, step: int, state: dict[str, Any]) -> str:
+    def _write_logged(self, step: int, state: dict[str, Any], on_saved: SaveListener | None) -> str:
         started = time.perf_counter()
         url = self.write(step, state)
         log.info("checkpoint step %d saved to %s in %.1f s", step, url, time.perf_counter() - started)
-        if self.on_saved is not None:
-            self.on_saved(step, url)
+        if on_saved is not None:
+            on_saved(step, url)
         return url
 
     @property
@@ -259,12 +171,12 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError):
             return None
         except Exception as error:  # noqa: BLE001
-            raise storage.explain(error, self.step_url(step)) from error
+            raise self.storage.explain(error, self.step_url(step)) from error
         return manifest
 
     def read(self, url: str) -> dict[str, Any]:
         """Load a checkpoint folder URL, verifying the manifest's sizes and sha256."""
-        fs, folder = storage.url_to_fs(url.rstrip("/"))
+        fs, folder = self.storage.url_to_fs(url.rstrip("/"))
         try:
             with fs.open(f"{folder}/{MANIFEST}", "rb") as f:
                 manifest = json.loads(f.read())
@@ -276,7 +188,7 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError) as error:
             raise CheckpointError(f"{url}: unreadable manifest ({error})") from None
         except Exception as error:  # noqa: BLE001
-            raise storage.explain(error, url) from error
+            raise self.storage.explain(error, url) from error
         if len(data) != entry["size"] or _sha256(data) != entry["sha256"]:
             raise CheckpointError(f"{url}: {STATE_FILE} does not match its manifest (truncated or corrupt)")
         try:
@@ -285,36 +197,55 @@ class CheckpointStore:
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(f"{url}: refused to load ({type(error).__name__}: {error})") from None
 
-    def latest(self) -> tuple[str, dict[str, Any]] | None:
-        """The newest checkpoint that loads, skipping (with a warning naming it) corrupt or partial ones."""
-        for step in reversed(self.steps()):
+    def _valid(self) -> list[tuple[int, dict[str, Any]]]:
+        """(step, manifest) of every complete checkpoint, the most recently written last.
+
+        Recency is the manifest's creation time, then the step: after a run branched from an
+        earlier step (an explicit checkpoint.resume), its new checkpoints are the newest even
+        where an older run reached higher steps.
+        """
+        valid = []
+        for step in self.steps():
+            manifest = self.manifest(step)
+            if manifest is None:
+                log.warning("skipping %s: partial checkpoint (no valid manifest)", self.step_url(step))
+            else:
+                valid.append((step, manifest))
+        return sorted(valid, key=lambda item: (_created(item[1]), item[0]))
+
+    def _first_loadable(self, candidates: list[tuple[int, dict[str, Any]]]) -> tuple[str, dict[str, Any]] | None:
+        for step, _ in reversed(candidates):
             url = self.step_url(step)
-            if self.manifest(step) is None:
-                log.warning("skipping %s: partial checkpoint (no valid manifest)", url)
-                continue
             try:
                 return url, self.read(url)
             except CheckpointError as error:
                 log.warning("skipping %s: %s", url, error)
         return None
 
-    def prune(self) -> None:
-        """Keep the newest `keep_last` valid checkpoints, the protected one and every K-th epoch end.
+    def latest(self) -> tuple[str, dict[str, Any]] | None:
+        """The most recently written checkpoint that loads, skipping (with a warning naming it) corrupt ones."""
+        return self._first_loadable(self._valid())
 
-        Partial folders older than the newest valid checkpoint (left by a killed save) go too.
+    def prune(self) -> None:
+        """Keep this lineage's newest `keep_last` checkpoints, the protected one and every K-th epoch end.
+
+        Checkpoints of another lineage (an earlier run this one branched from) are never deleted
+        here, and this lineage's newest checkpoints are never deleted to make room for them.
+        Partial folders older than this lineage's newest checkpoint (left by a killed save) go too.
         """
         steps = self.steps()
         manifests = {s: self.manifest(s) for s in steps}
-        valid = [(s, m) for s, m in manifests.items() if m is not None]
-        if not valid:
+        mine = sorted(((s, m) for s, m in manifests.items() if m is not None and m.get("lineage", "") == self.lineage),
+                      key=lambda item: (_created(item[1]), item[0]))
+        if not mine:
             return
-        keep = {s for s, _ in valid[-self.cfg.keep_last:]} | self.protected
+        keep = {s for s, _ in mine[-self.cfg.keep_last:]} | self._protected
         if self.cfg.keep_every_epochs:
-            keep |= {s for s, m in valid if m["epoch_end"] and m["epoch"] % self.cfg.keep_every_epochs == 0}
-        newest = valid[-1][0]
-        for step in steps:
-            if step not in keep and (manifests[step] is not None or step < newest):
-                self.fs.rm(self._step_path(step), recursive=True)
+            keep |= {s for s, m in mine if m["epoch_end"] and m["epoch"] % self.cfg.keep_every_epochs == 0}
+        newest = max(s for s, _ in mine)
+        doomed = [s for s, _ in mine if s not in keep] + [s for s in steps if manifests[s] is None and s < newest]
+        for step in sorted(doomed):
+            self.fs.rm(self._step_path(step), recursive=True)
 
     def abort_unfinished_uploads(self) -> int:
         """Object stores: abort multipart uploads left under checkpoints/ by a killed or failed save.
@@ -325,7 +256,7 @@ class CheckpointStore:
         if not hasattr(self.fs, "abort_mpu"):  # s3fs only
             return 0
         bucket, _, prefix = self.path.partition("/")
-        with storage.named_errors(self.url):
+        with self.storage.named_errors(self.url):
             uploads = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=f"{prefix}/").get("Uploads", [])
             for upload in uploads:
                 self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
@@ -334,7 +265,10 @@ class CheckpointStore:
         return len(uploads)
 
     def resolve(self, resume: str) -> tuple[str, dict[str, Any]] | None:
-        """The checkpoint to resume from per checkpoint.resume (auto, none, or a URL); rank 0, at start."""
+        """The checkpoint to resume from per checkpoint.resume (auto, none, or a URL); rank 0, at start.
+
+        The chosen checkpoint is protected from pruning for the rest of this run.
+        """
         self.abort_unfinished_uploads()
         if resume == "none":
             old = self.steps()
@@ -348,55 +282,48 @@ class CheckpointStore:
                 log.warning("checkpoint.overwrite=true: deleting the %d checkpoints of the earlier run in %s",
                             len(old), self.url)
                 self.fs.rm(self.path, recursive=True)
+            self.lineage = new_lineage()
             return None
-        if resume == "auto":
-            return self.latest()
-        return resume, self.read(resume)
+        found = self._resume_auto() if resume == "auto" else self._resume_from(resume)
+        if found is not None:
+            step = int(found[1]["progress"]["step"])
+            if normalized_url(found[0]) == normalized_url(self.step_url(step)):
+                self.protect(step)
+        return found
 
+    def _resume_auto(self) -> tuple[str, dict[str, Any]] | None:
+        valid = self._valid()
+        found = self._first_loadable(valid)
+        if found is None:
+            self.lineage = new_lineage()
+            return None
+        manifest = dict(valid)[int(found[1]["progress"]["step"])]
+        self.lineage, self.origin = manifest.get("lineage", ""), manifest.get("origin")
+        return found
 
-def resume_training(store: CheckpointStore, train_state: TrainState) -> str | None:
-    """Every rank loads the checkpoint rank 0 chose; returns its URL (None: fresh start)."""
-    found = store.resolve(train_state.config.checkpoint.resume) if distributed.is_main_process() else None
-    chosen = distributed.broadcast_object(found[0] if found else None)
-    if chosen is None:
-        return None
-    train_state.restore(found[1] if found else store.read(chosen), chosen)
-    store.protected.add(train_state.progress.step)
-    return chosen
-
-
-class Checkpointer:
-    """When to checkpoint: every `every_steps` steps, at epoch ends, at the end and on request.
-
-    `save` is collective (every rank hands over its RNG states); rank 0 writes in the background.
-    """
-
-    def __init__(self, store: CheckpointStore, train_state: TrainState, steps_per_epoch: int) -> None:
-        self.store = store
-        self.state = train_state
-        self.steps_per_epoch = steps_per_epoch
-        self.last_saved_step = train_state.progress.step if train_state.progress.step else -1
-
-    def save(self, epoch_end: bool = False, wait: bool = False) -> None:
-        """Checkpoint the current step (once per step); `wait` blocks until it is stored."""
-        step = self.state.progress.step
-        if step != self.last_saved_step:
-            snapshot = self.state.capture(epoch_end)
-            if distributed.is_main_process():
-                self.store.save(step, snapshot)
-            self.last_saved_step = step
-        if wait and distributed.is_main_process():
-            self.store.wait()
-
-    def after_step(self, progress: TrainProgress) -> bool:
-        """Step hook for engine.train_one_epoch; surfaces a failed background save."""
-        if distributed.is_main_process():
-            self.store.raise_pending()
-        # An epoch's last step is saved next as the epoch end (kept by keep_every_epochs), not here.
-        if progress.step % self.store.cfg.every_steps == 0 and progress.batch != self.steps_per_epoch:
-            self.save()
-        return False
+    def _resume_from(self, resume: str) -> tuple[str, dict[str, Any]]:
+        """An explicit checkpoint URL: taken at the first start; later starts continue their own checkpoints."""
+        origin = normalized_url(resume)
+        own = [(s, m) for s, m in self._valid() if m.get("origin") == origin]
+        found = self._first_loadable(own)
+        if found is not None:
+            log.info("checkpoint.resume=%s was taken by an earlier start of this run, which saved checkpoints of its "
+                     "own: continuing from its newest, %s", resume, found[0])
+            self.lineage, self.origin = dict(own)[int(found[1]["progress"]["step"])]["lineage"], origin
+            return found
+        state = self.read(resume)
+        self.lineage, self.origin = new_lineage(), origin
+        step = int(state["progress"]["step"])
+        later = [s for s in self.steps() if s > step]
+        if later:
+            log.warning("resuming from %s (checkpoint.resume): the checkpoints of steps %s in %s belong to the run "
+                        "that went on from there; they are kept but never resumed from automatically, and those "
+                        "of the steps this run saves again are replaced", resume, later, self.url)
+        return resume, state
 
     def close(self) -> None:
-        if distributed.is_main_process():
-            self.store.wait()
+        """Wait for the save in flight (raising its error) and stop the writer thread."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -3,26 +3,51 @@
     cfg = load_config("configs/synthetic_cpu.yaml", ["optim.lr=0.01", "train.epochs=2"])
 
 Unknown keys, wrong types and impossible values raise `ConfigError`, whose message names
-the key and the file it came from.
+the key and the file it came from. Keys that name a credential are refused at any depth
+(`dist_kp.secrets`), and a JSON dump of any section (`model_dump(mode="json")`: config.yaml,
+checkpoints, W&B) never holds one: URL passwords and query strings, and the values of storage
+options off the allow list, read `<redacted>`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from dist_kp.packaged_configs import resolve_config
+from dist_kp.secrets import public_storage_options, redact, redact_text, redact_url, secret_key_paths
 
 COCO_KEYPOINT_SIGMAS = [
     0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72,
     0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89,
 ]
 
-
-# Names of settings that hold credentials (api_key, secret, aws_token...), which no config may hold.
-CREDENTIAL_NAME = re.compile(r"(^|[_.])(api_?key|key|token|secret|password)s?($|_)", re.IGNORECASE)
+# Where each section's credentials come from instead (the config refuses them).
+CREDENTIAL_SOURCES = {
+    "tracking": "set WANDB_API_KEY in the environment or run `wandb login`",
+    "storage": "use the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AZURE_STORAGE_*, "
+               "GOOGLE_APPLICATION_CREDENTIALS) or the provider's credential chain",
+}
+# Keys of earlier versions, refused with the key that replaced them (no silent aliasing).
+MOVED_KEYS = {
+    ("checkpoint", "storage_options"): "storage.options",
+    ("checkpoint", "timeout_s"): "storage.timeout_s",
+}
 
 
 class ConfigError(ValueError):
@@ -31,6 +56,38 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_serializer(mode="wrap")
+    def _without_credentials(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        # JSON dumps are what gets written (config.yaml, checkpoints, W&B); Python dumps keep the values.
+        data = handler(self)
+        return redact(data) if info.mode_is_json() else data
+
+
+class StorageConfig(Section):
+    """fsspec access for data reads and outputs alike. Credentials come from the environment, never from here."""
+
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Non-secret fsspec options (e.g. endpoint_url, region, client_kwargs);"
+        " credential-like keys are refused, values off the allow list are written as <redacted>."
+    )
+    timeout_s: float = Field(
+        60.0, gt=0.0, description="Seconds an object-store request may wait for the server (connect: at most 10);"
+        " 4 attempts per request."
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _nested_options_are_mappings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # The value is never echoed: it may be a credential under a harmless-looking name.
+        for key in ("client_kwargs", "config_kwargs", "s3_additional_kwargs"):
+            if key in options and not isinstance(options[key], dict):
+                raise ValueError(f"{key} must be a mapping of options, got a {type(options[key]).__name__}")
+        return options
+
+    @field_serializer("options", when_used="json")
+    def _public_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return public_storage_options(options)
 
 
 class DataConfig(Section):
@@ -84,9 +141,28 @@ class ModelConfig(Section):
     weights: str | None = Field(
         None, description="Full-model weights: local path, fsspec URL, or torchvision weights name."
     )
+    weights_strict: bool = Field(
+        False, description="Refuse weights with any missing, extra or reshaped tensor (false: load the matching"
+        " ones, re-initialise the rest, e.g. the keypoint predictor of another skeleton)."
+    )
     backbone_weights: str | None = Field(
         None, description="Backbone weights: torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1), path or URL."
     )
+
+    @field_validator("min_size")
+    @classmethod
+    def _sizes_are_positive(cls, sizes: list[int]) -> list[int]:
+        if min(sizes) < 1:
+            raise ValueError("every size (shorter image side after resizing) must be at least 1 pixel")
+        return sizes
+
+    @field_validator("max_size")
+    @classmethod
+    def _max_size_fits_min_size(cls, max_size: int, info: ValidationInfo) -> int:
+        largest = max(info.data.get("min_size") or [0])
+        if max_size < largest:
+            raise ValueError(f"smaller than the largest model.min_size ({largest}): no image would reach that size")
+        return max_size
 
 
 class OptimConfig(Section):
@@ -122,6 +198,13 @@ class TrainConfig(Section):
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available (NCCL), else cpu (gloo)."
     )
     dist_timeout_s: int = Field(1800, ge=10, description="Collective timeout (seconds) of the process group.")
+    stop_grace_s: float = Field(
+        120.0, gt=0.0, description="After SIGUSR1/SIGTERM, seconds the current step may take before the process "
+        "exits without a checkpoint."
+    )
+    hooks: list[str] = Field(
+        default_factory=list, description='Extra training hooks, "module:Class" each, built with the config.'
+    )
 
 
 class EvalConfig(Section):
@@ -133,6 +216,9 @@ class EvalConfig(Section):
         "faster_coco_eval", description="COCO evaluation library (both give the same numbers)."
     )
     batch_size: int = Field(2, ge=1, description="Images per process per inference batch.")
+    keypoint_area: Literal["keypoints", "box"] = Field(
+        "keypoints", description="Detection area for kp/APm, kp/APl: keypoints' extent (COCO protocol) or box."
+    )
     max_images: int | None = Field(None, ge=1, description="Evaluate only the first N validation images.")
     sigmas: list[float] | None = Field(None, description="OKS sigma per keypoint; COCO's 17 when null.")
     num_visualize: int = Field(4, ge=0, description="Validation images drawn with predictions per evaluation.")
@@ -148,29 +234,6 @@ class CheckpointConfig(Section):
     overwrite: bool = Field(
         False, description="With resume: none, start over in an output_dir that has checkpoints (deletes them)."
     )
-    storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="Non-secret fsspec options (e.g. endpoint_url, region)."
-    )
-    timeout_s: float = Field(
-        60.0, gt=0.0, description="Seconds an object-store request may wait for the server (connect: at most 10);"
-        " 4 attempts per request."
-    )
-
-    @model_validator(mode="after")
-    def _no_secrets(self) -> CheckpointConfig:
-        def check(options: dict[str, Any], prefix: str) -> None:
-            # Nested too: s3fs passes client_kwargs / config_kwargs on to botocore.
-            for key, value in options.items():
-                if any(word in str(key).lower() for word in ("secret", "key", "token", "password")):
-                    raise ValueError(
-                        f"{prefix}.{key}: credentials do not belong in the config; "
-                        "use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the AWS credential chain"
-                    )
-                if isinstance(value, dict):
-                    check(value, f"{prefix}.{key}")
-
-        check(self.storage_options, "storage_options")
-        return self
 
 
 class TrackingConfig(Section):
@@ -186,18 +249,6 @@ class TrackingConfig(Section):
     tags: list[str] = Field(default_factory=list, description="W&B run tags.")
     notes: str | None = Field(None, description="W&B run notes.")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _no_api_key(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if CREDENTIAL_NAME.search(str(key)):
-                    raise ValueError(
-                        f"tracking.{key}: credentials do not belong in the config; "
-                        "set WANDB_API_KEY in the environment or run `wandb login`"
-                    )
-        return data
-
 
 class Config(Section):
     """A whole run. `output_dir` is a local path or any fsspec URL (s3://bucket/runs/exp1)."""
@@ -205,6 +256,7 @@ class Config(Section):
     output_dir: str = Field(
         "runs/default", description="Where the run writes everything: local path or fsspec URL (s3://bucket/run)."
     )
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -232,20 +284,28 @@ class Config(Section):
 SECTIONS = {name: field.annotation for name, field in Config.model_fields.items() if name != "output_dir"}
 
 
+def _parse_override(item: str) -> dict[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {redact_text(item)!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
+    try:
+        value: Any = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {redact_text(item)!r}: the value is not valid YAML") from None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """Turn ["optim.lr=0.01", "train.epochs=2"] into a nested dict; values are parsed as YAML."""
+    """Turn ["optim.lr=0.01", "train.epochs=2"] into a nested dict; values are parsed as YAML.
+
+    A section value ('train={batch_size: 1}') is merged over the keys given before it, not
+    put in their place.
+    """
     nested: dict[str, Any] = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optim.lr=0.01")
-        node = nested
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        nested = _merge(nested, _parse_override(item))
     return nested
 
 
@@ -259,29 +319,61 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _moved_keys(raw: dict[str, Any]) -> list[tuple[str, str]]:
+    """(old key, new key) for each key of an earlier version in `raw`."""
+    return [(".".join(old), new) for old, new in MOVED_KEYS.items()
+            if isinstance(raw.get(old[0]), dict) and old[1] in raw[old[0]]]
+
+
+def _show_override(item: str) -> str:
+    """An override as error messages show it: without credentials, nor any value under a moved key."""
+    try:
+        moved = _moved_keys(_parse_override(item))
+    except ConfigError:
+        moved = []
+    return f"{item.partition('=')[0]}=<redacted>" if moved else redact_text(item)
+
+
+def _refused_keys(raw: dict[str, Any]) -> list[str]:
+    """Error lines for keys no config may hold: moved ones and credentials (never their values)."""
+    lines = [f"  {old}: moved to {new} (one storage section for data reads and outputs)"
+             for old, new in _moved_keys(raw)]
+    for path in secret_key_paths(raw):
+        section = "storage" if path.startswith(("storage.", "checkpoint.storage_options.")) else path.split(".")[0]
+        source = CREDENTIAL_SOURCES.get(section, "set it in the environment of the run")
+        lines.append(f"  {path}: credentials do not belong in the config; {source}")
+    return lines
+
+
+def _describe(error: ValidationError) -> list[str]:
+    lines = []
     for err in error.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see `python -m dist_kp.train --help` for the sections)"
-        # A whole section's input may hold the refused credential: never echo it.
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
-            msg = f"{msg} (got {err['input']!r})"
+        # A whole section's input may hold a credential under a harmless name: never echo it.
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict) \
+                and key != "storage" and not key.startswith("storage.options"):
+            msg = f"{msg} (got {redact_text(repr(err['input']))})"
         lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
+    return lines
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(_describe(error, source)) from None
+    """Validate a nested dict (a parsed YAML file plus overrides); `source` names it in errors."""
+    problems = _refused_keys(raw)
+    if not problems:
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as error:
+            problems = _describe(error)
+    raise ConfigError(redact_url("\n".join([f"invalid configuration in {source}:", *problems])))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config file (or defaults when path is None) and apply dotted overrides."""
+    path = resolve_config(path)  # a bare name (coco_kp_r50_fpn) is a packaged config
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -293,18 +385,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {redact_text(str(error))}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     if overrides:
         raw = _merge(raw, parse_overrides(overrides))
-        shown = [f"{o.partition('=')[0]}=<redacted>" if CREDENTIAL_NAME.search(o.partition("=")[0]) else o
-                 for o in overrides]
-        source += " + command-line overrides " + " ".join(shown)
+        source += " + command-line overrides " + " ".join(_show_override(o) for o in overrides)
     return config_from_dict(raw, source)
 
 
 def config_to_yaml(cfg: Config) -> str:
+    """The config as OUTPUT_DIR/config.yaml records it (credentials redacted, see the module docstring)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 

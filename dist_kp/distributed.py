@@ -18,6 +18,16 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+# What torch's env:// rendezvous needs from a launcher (torchrun sets them all; srun through _env_from_slurm).
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# SLURM jobs derive their rendezvous port from the job id (slurm/train_8gpu.sh has a copy, tested equal).
+MASTER_PORT_BASE = 15000
+MASTER_PORT_RANGE = 20000
+
+
+class LaunchError(RuntimeError):
+    """The process cannot start as its environment says: an incomplete launcher environment or a missing device."""
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -29,6 +39,11 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def master_port(job_id: int) -> int:
+    """The rendezvous port of a SLURM job: distinct for concurrent jobs on a node, the same for all of its tasks."""
+    return MASTER_PORT_BASE + job_id % MASTER_PORT_RANGE
 
 
 def _slurm_master_addr() -> str:
@@ -49,20 +64,20 @@ def _env_from_slurm() -> None:
     os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = _slurm_master_addr()
-    # A port derived from the job id keeps concurrent jobs on a node apart.
-    os.environ.setdefault("MASTER_PORT", str(15000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    os.environ.setdefault("MASTER_PORT", str(master_port(int(os.environ.get("SLURM_JOB_ID", "0")))))
 
 
 def _launched_by_srun() -> bool:
     return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """cpu, or cuda:local_rank (made the current device) for "cuda" and for "auto" on a host with CUDA."""
     # SLURM sets CUDA_VISIBLE_DEVICES even on nodes without GPUs; trust torch, not the env.
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but torch.cuda.is_available() is False on this host")
+        raise LaunchError(f"device {requested!r} asked for, but torch.cuda.is_available() is False on this host")
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -88,13 +103,45 @@ def _torchrun_attempt_store(rank: int, world_size: int, timeout: datetime.timede
     return dist.PrefixStore(f"dist_kp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def _int_variable(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise LaunchError(f"launcher environment: {name}={raw!r} is not an integer") from None
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the launcher's environment; no launcher: (0, 1, 0).
+
+    An incomplete or inconsistent environment raises LaunchError at once, naming the variables:
+    with WORLD_SIZE=2 and no RANK a process would otherwise take rank 0 and wait for a peer
+    for train.dist_timeout_s.
+    """
+    world_size, rank = _int_variable("WORLD_SIZE", 1), _int_variable("RANK", 0)
+    local_rank = _int_variable("LOCAL_RANK", 0)
+    found = ", ".join(f"{name}={os.environ[name]}" for name in LAUNCHER_VARIABLES if name in os.environ)
+    missing = [name for name in LAUNCHER_VARIABLES if not os.environ.get(name)]
+    if (world_size > 1 or rank != 0) and missing:
+        raise LaunchError(
+            f"incomplete launcher environment: {', '.join(missing)} not set ({found}); start the workers with "
+            "torchrun or srun, which set them all, or unset WORLD_SIZE and RANK to run one process")
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise LaunchError(f"inconsistent launcher environment: {found} (need 0 <= RANK < WORLD_SIZE, "
+                          "LOCAL_RANK >= 0)")
+    return rank, world_size, local_rank
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Join the process group described by the environment (torchrun, srun) or run alone."""
+    """Join the process group described by the environment (torchrun, srun) or run alone.
+
+    Raises LaunchError for an incomplete launcher environment or a device the host lacks.
+    """
     if _launched_by_srun():
         _env_from_slurm()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = launcher_ranks()
     torch_device = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"

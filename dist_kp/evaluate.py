@@ -3,11 +3,14 @@
 usage:
   python -m dist_kp.evaluate --config CONFIG.yaml --weights PATH_OR_URL [section.key=value ...]
   torchrun --nproc_per_node=N -m dist_kp.evaluate --config CONFIG.yaml --weights PATH_OR_URL
-  python -m dist_kp.evaluate --annotations GT.json --results RESULTS.json [--backend B] [--sigmas S ...] [--out DIR]
+  python -m dist_kp.evaluate --annotations GT.json --results RESULTS.json [--backend B] [--sigmas S ...]
+      [--keypoint-area keypoints|box] [--out DIR]
 
 With --config, the validation set of the config is evaluated (output under OUTPUT_DIR/eval/).
 With --results, box stats are computed only when the results carry boxes; metrics.json is
-written next to the results file, or under --out.
+written next to the results file, or under --out. A results file that COCO evaluation cannot
+take (unknown image ids, non-finite scores, keypoint lists of the wrong length, not JSON) is
+refused with the file, the first bad record and the rule.
 """
 
 from __future__ import annotations
@@ -16,13 +19,23 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
+import orjson
 
 from dist_kp import distributed, storage
 from dist_kp.config import ConfigError, load_config
 from dist_kp.data.coco import DataError, load_index
 from dist_kp.data.loaders import val_index
-from dist_kp.evaluation import BACKENDS, EvaluationError, evaluate_model, evaluate_results, ground_truth
+from dist_kp.evaluation import (
+    BACKENDS,
+    KEYPOINT_AREAS,
+    EvaluationError,
+    check_results,
+    evaluate_model,
+    evaluate_results,
+    ground_truth,
+)
 from dist_kp.model import WeightsError, build_model
 
 log = logging.getLogger("dist_kp.evaluate")
@@ -38,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     files.add_argument("--annotations", help="ground-truth COCO keypoints JSON (path or URL)")
     files.add_argument("--results", help="COCO results JSON: image_id, category_id, keypoints, score[, bbox]")
     files.add_argument("--out", help="folder for metrics.json (default: next to the results)")
+    files.add_argument("--keypoint-area", choices=KEYPOINT_AREAS,
+                       help="detection area for kp/APm, kp/APl: the keypoints' extent (COCO's protocol, default) or "
+                       "the box (detectron2's); with --config use eval.keypoint_area=...")
     parser.add_argument("--backend", choices=BACKENDS, help="evaluation backend (default: the config's, or faster_coco_eval)")
     parser.add_argument("--sigmas", type=float, nargs="+", help="OKS sigma per keypoint (default: COCO's 17)")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
@@ -48,22 +64,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--config needs --weights")
     if args.results and not args.annotations:
         parser.error("--results needs --annotations")
+    if args.config and args.keypoint_area:
+        parser.error("--keypoint-area goes with --results; with --config give eval.keypoint_area=...")
     return args
+
+
+def read_results(url: str) -> Any:
+    """The parsed results JSON; a missing, binary or malformed file is an EvaluationError naming it."""
+    try:
+        with storage.open_url(url, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise EvaluationError(f"results file not found: {url}") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass  # not strict JSON: Python's json also reads NaN/Infinity (json.dump writes them), then names the record
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise EvaluationError(
+            f"{url} is not a JSON text file (byte {error.start} is not UTF-8: a binary file?)") from None
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{url} is not valid JSON: {error}") from None
 
 
 def evaluate_file(args: argparse.Namespace) -> None:
     index = load_index(args.annotations)
-    try:
-        with storage.open_url(args.results, "r") as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        raise EvaluationError(f"results file not found: {args.results}") from None
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{args.results} is not valid JSON: {error}") from None
-    if not isinstance(results, list) or any(not isinstance(r, dict) or "image_id" not in r for r in results):
-        raise EvaluationError(f"{args.results}: expected a list of COCO result records with image_id")
+    results = read_results(args.results)
+    check_results(results, args.results, set(index.image_ids.tolist()), index.meta.category_id,
+                  index.meta.num_keypoints, args.annotations)
     iou_types = ("keypoints", "bbox") if all("bbox" in r for r in results) else ("keypoints",)
-    output = evaluate_results(ground_truth(index), results, args.backend or "faster_coco_eval", args.sigmas, iou_types)
+    output = evaluate_results(ground_truth(index), results, args.backend or "faster_coco_eval", args.sigmas, iou_types,
+                              args.keypoint_area or "keypoints")
     folder = args.out or (args.results.rsplit("/", 1)[0] if "/" in args.results else ".")
     fs, path = storage.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)

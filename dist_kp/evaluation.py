@@ -2,13 +2,21 @@
 
 Each rank runs inference on its own unpadded shard and the per-image matching for its own
 images (the expensive part); rank 0 merges the per-image results of every rank into one
-accumulate/summarize. The stats equal those of pycocotools run once on all results.
+accumulate/summarize. What "exact" means here:
 
-Backends:
-- pycocotools: each rank's COCOeval.evaluate() gives per-image match records (evalImgs);
-  rank 0 concatenates them in image order and accumulates.
-- faster_coco_eval: each rank computes the per-image IoU/OKS matrices (the Python hot spot of
-  that library); rank 0 runs its C++ matching and accumulation on the gathered matrices.
+- the stats do not depend on the number of processes: 1, 2, 3 ... ranks give bit-identical numbers;
+- the pycocotools backend gives bit for bit what pycocotools run once on all results gives;
+- faster_coco_eval matches the same pairs but accumulates in C++ in another order, so its stats
+  may differ from pycocotools' in the last bit (depending on the CPU); they agree within 1e-12.
+
+Keypoint stats follow the COCO keypoint protocol: a detection's area (which decides whether it
+counts as medium or large) is the area of its keypoints' extent, as pycocotools' loadRes computes
+it for keypoint results, even when the record also carries a box (`keypoint_area="box"` takes the
+box's area instead, detectron2's convention). The box evaluation always uses the boxes.
+
+One class per backend (`backend_for(name)`) wraps the library behind coco / detections / match /
+merge. The internals still relied upon (the per-image record layout, pycocotools' `_paramsEval`,
+faster_coco_eval's `_evalImgs_cpp`) are checked by tests/test_eval_backends.py.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import copy
 import io
 import json
 import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,7 +48,7 @@ STAT_NAMES = {
     "bbox": ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"],
 }
 PREFIX = {"keypoints": "kp", "bbox": "bbox"}
-BACKENDS = ("faster_coco_eval", "pycocotools")
+KEYPOINT_AREAS = ("keypoints", "box")
 
 
 class EvaluationError(ValueError):
@@ -70,42 +80,60 @@ def check_sigmas(sigmas: list[float] | None, num_keypoints: int) -> np.ndarray:
 
 def ground_truth(index: KeypointIndex, positions: np.ndarray | None = None) -> dict[str, Any]:
     """A COCO ground-truth dict for some images of the index (all when positions is None)."""
-    positions = np.arange(len(index)) if positions is None else positions
-    images, annotations = [], []
-    for i in positions.tolist():
-        image_id = int(index.image_ids[i])
-        images.append({"id": image_id, "width": int(index.widths[i]), "height": int(index.heights[i]),
-                       "file_name": index.file_names[i]})
-        rows = index.annotation_rows(i)
-        for j in range(rows.start, rows.stop):
-            keypoints = index.keypoints[j]
-            annotations.append({
-                "id": int(index.ann_ids[j]), "image_id": image_id, "category_id": index.meta.category_id,
-                "bbox": [float(v) for v in index.boxes[j]], "area": float(index.areas[j]),
-                "iscrowd": int(index.iscrowd[j]), "keypoints": [float(v) for v in keypoints.reshape(-1)],
-                "num_keypoints": int((keypoints[:, 2] > 0).sum()),
-            })
-    categories = [{"id": index.meta.category_id, "name": "person", "keypoints": index.meta.keypoint_names,
+    positions = np.arange(len(index)) if positions is None else np.asarray(positions, np.int64)
+    starts, stops = index.ann_offsets[positions], index.ann_offsets[positions + 1]
+    rows = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), stops.tolist())] or [np.zeros(0, np.int64)])
+    image_ids = index.image_ids[positions].tolist()
+    images = [{"id": i, "width": w, "height": h, "file_name": index.file_names[p]}
+              for i, w, h, p in zip(image_ids, index.widths[positions].tolist(), index.heights[positions].tolist(),
+                                    positions.tolist())]
+    keypoints = index.keypoints[rows]
+    category_id = index.meta.category_id
+    annotations = [
+        {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": box, "area": area, "iscrowd": crowd,
+         "keypoints": kps, "num_keypoints": visible}
+        for ann_id, image_id, box, area, crowd, kps, visible in zip(
+            index.ann_ids[rows].tolist(), np.repeat(image_ids, stops - starts).tolist(), index.boxes[rows].tolist(),
+            index.areas[rows].tolist(), index.iscrowd[rows].astype(np.int64).tolist(),
+            keypoints.reshape(len(rows), keypoints.shape[1] * 3).tolist(), (keypoints[:, :, 2] > 0).sum(axis=1).tolist())
+    ]
+    categories = [{"id": category_id, "name": "person", "keypoints": index.meta.keypoint_names,
                    "skeleton": index.meta.skeleton}]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def round_half_even(values: np.ndarray, ndigits: int) -> np.ndarray:
+    """Python's round(v, ndigits) of every element (the double nearest the correctly rounded decimal)."""
+    scale = 10.0**ndigits
+    scaled = values * scale
+    rounded = np.rint(scaled) / scale
+    # rint of the scaled double can round otherwise than the exact value only next to a tie.
+    with np.errstate(invalid="ignore"):  # inf and nan are never near a tie
+        near_tie = np.abs(scaled - np.floor(scaled) - 0.5) <= 4 * np.spacing(np.abs(scaled))
+    for pos in np.flatnonzero(near_tie).tolist():
+        rounded.flat[pos] = round(float(values.flat[pos]), ndigits)
+    return rounded
 
 
 def outputs_to_results(
     outputs: list[dict[str, torch.Tensor]], image_ids: list[int], category_id: int
 ) -> list[dict[str, Any]]:
-    """COCO result records (bbox xywh, flat keypoints x, y, v, score) from model outputs."""
-    records = []
-    for output, image_id in zip(outputs, image_ids):
-        boxes = output["boxes"].detach().cpu().double()
-        boxes[:, 2:] -= boxes[:, :2]
-        keypoints = output["keypoints"].detach().cpu().double()
-        keypoints[..., 2] = 1.0  # torchvision's predicted visibility is always 1
-        for box, kps, score in zip(boxes.tolist(), keypoints.reshape(len(boxes), -1).tolist(),
-                                   output["scores"].detach().cpu().tolist()):
-            records.append({"image_id": int(image_id), "category_id": category_id,
-                            "bbox": [round(v, 2) for v in box], "keypoints": [round(v, 2) for v in kps],
-                            "score": round(float(score), 4)})
-    return records
+    """COCO result records (bbox xywh, flat keypoints x, y, v, score) from model outputs, one batch at once."""
+    counts = [len(output["scores"]) for output in outputs]
+    if not sum(counts):
+        return []
+
+    def joined(key: str) -> np.ndarray:
+        return torch.cat([output[key].detach().cpu() for output in outputs]).double().numpy()
+
+    boxes, keypoints, scores = joined("boxes"), joined("keypoints"), joined("scores")
+    boxes[:, 2:] -= boxes[:, :2]
+    keypoints[..., 2] = 1.0  # torchvision's predicted visibility is always 1
+    ids = np.repeat(np.asarray(image_ids, np.int64), counts).tolist()
+    return [{"image_id": image_id, "category_id": category_id, "bbox": box, "keypoints": kps, "score": score}
+            for image_id, box, kps, score in zip(ids, round_half_even(boxes, 2).tolist(),
+                                                 round_half_even(keypoints.reshape(len(ids), -1), 2).tolist(),
+                                                 round_half_even(scores, 4).tolist())]
 
 
 @torch.no_grad()
@@ -119,99 +147,187 @@ def predict(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch
         for images, targets, _ in loader:
             # One image per forward: batching pads images to a common size, which changes the
             # predictions, and the batches of a shard depend on the world size.
-            for image, target in zip(images, targets):
-                image = image.to(device, non_blocking=device.type == "cuda").float().div_(255.0)
-                records += outputs_to_results(model([image]), [int(target["image_id"])], category_id)
+            outputs = [model([image.to(device, non_blocking=device.type == "cuda").float().div_(255.0)])[0]
+                       for image in images]
+            records += outputs_to_results(outputs, [int(t["image_id"]) for t in targets], category_id)
     finally:
         model.train(was_training)
     return records
 
 
-def _api(backend: str) -> tuple[type, type]:
-    if backend == "pycocotools":
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Both libraries print progress to stdout."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+@dataclass
+class ImageMatches:
+    """One rank's per-image matching records for one iou type, laid out [category][area range][image]."""
+
+    image_ids: list[int]
+    cat_ids: list[int]
+    records: list[Any]
+    num_detections: int
+
+
+class EvalBackend:
+    """One COCO evaluation library: ground truth, detections, per-image matching, one merged accumulate.
+
+    A subclass names the library's COCO and COCOeval classes and says how its per-image records
+    are read after evaluate() and handed back to accumulate().
+    """
+
+    name: ClassVar[str]
+
+    def classes(self) -> tuple[type, type]:
+        """The library's COCO and COCOeval classes (imported on first use)."""
+        raise NotImplementedError
+
+    def evaluator_options(self) -> dict[str, Any]:
+        return {}
+
+    def per_image_records(self, evaluator: Any) -> list[Any]:
+        """Run evaluate() and return its per-image records."""
+        raise NotImplementedError
+
+    def accumulate(self, evaluator: Any, records: list[Any]) -> None:
+        """Run accumulate() on per-image records from any number of evaluate() calls."""
+        raise NotImplementedError
+
+    def coco(self, dataset: dict[str, Any]) -> Any:
+        """The library's COCO object for a ground-truth dict (no file needed)."""
+        coco = self.classes()[0]()
+        coco.dataset = dataset
+        with _quiet():
+            coco.createIndex()
+        return coco
+
+    def detections(self, gt: Any, results: list[dict[str, Any]], boxes: bool = True) -> Any:
+        """The detections as the library's loadRes builds them; an empty list gives an empty set.
+
+        boxes=False hands loadRes the records without their boxes: it then takes each detection's
+        area from its keypoints' extent, as for COCO keypoint results.
+        """
+        if not results:
+            return self.coco({"images": gt.dataset["images"], "categories": gt.dataset["categories"],
+                              "annotations": []})
+        # loadRes adds keys to each record but leaves its lists alone: a shallow copy suffices.
+        records = [dict(r) for r in results] if boxes else [{k: v for k, v in r.items() if k != "bbox"}
+                                                            for r in results]
+        with _quiet():
+            return gt.loadRes(records)
+
+    def evaluator(self, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray | None, image_ids: list[int],
+                  cat_ids: list[int]) -> Any:
+        with _quiet():
+            evaluator = self.classes()[1](gt, dt, iou_type, **self.evaluator_options())
+        evaluator.params.imgIds = sorted(image_ids)
+        evaluator.params.catIds = sorted(cat_ids)
+        if iou_type == "keypoints" and sigmas is not None:
+            evaluator.params.kpt_oks_sigmas = sigmas
+        return evaluator
+
+    def match(self, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray, image_ids: list[int]) -> ImageMatches:
+        """Per-image matching of this rank's images: the library's per-image records, picklable."""
+        evaluator = self.evaluator(gt, dt, iou_type, sigmas, image_ids, gt.getCatIds())
+        with _quiet():
+            records = self.per_image_records(evaluator)
+        return ImageMatches([int(i) for i in evaluator.params.imgIds], [int(c) for c in evaluator.params.catIds],
+                            list(records), len(dt.getAnnIds()))
+
+    def merge(self, iou_type: str, parts: list[ImageMatches]) -> list[float]:
+        """One accumulate/summarize over every rank's per-image records; the library's stats vector.
+
+        The ranks' blocks are joined along the image axis and put in image-id order, which is what
+        one process would have produced.
+        """
+        if not sum(part.num_detections for part in parts):
+            return [0.0] * len(STAT_NAMES[iou_type])
+        image_ids = sorted(i for part in parts for i in part.image_ids)
+        cat_ids = sorted({c for part in parts for c in part.cat_ids})
+        evaluator = self.evaluator(None, None, iou_type, None, image_ids, cat_ids)
+        p = evaluator.params
+        p.maxDets = sorted(p.maxDets)
+        grids = [np.asarray(part.records, dtype=object).reshape(len(p.catIds), len(p.areaRng), -1) for part in parts]
+        order = np.argsort(np.concatenate([np.asarray(part.image_ids, np.int64) for part in parts]), kind="stable")
+        merged = list(np.concatenate(grids, axis=2)[:, :, order].flatten())
+        evaluator._paramsEval = copy.deepcopy(p)  # what accumulate reads; evaluate() would have set it
+        with _quiet():
+            self.accumulate(evaluator, merged)
+            evaluator.summarize()
+        return [float(s) for s in evaluator.stats]
+
+
+class PycocotoolsBackend(EvalBackend):
+    """pycocotools: per-image records are the dicts of `COCOeval.evalImgs`."""
+
+    name = "pycocotools"
+
+    def classes(self) -> tuple[type, type]:
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
+
         return COCO, COCOeval
-    if backend == "faster_coco_eval":
-        from faster_coco_eval import COCO, COCOeval_faster
-        return COCO, COCOeval_faster
-    raise EvaluationError(f"unknown evaluation backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
-
-def _coco(backend: str, dataset: dict[str, Any]) -> Any:
-    coco_cls, _ = _api(backend)
-    coco = coco_cls()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def _detections(backend: str, gt: Any, results: list[dict[str, Any]]) -> Any:
-    """The detections as the backend's loadRes builds them; an empty list gives an empty set."""
-    if not results:
-        return _coco(backend, {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
-                               "annotations": []})
-    with contextlib.redirect_stdout(io.StringIO()):
-        # loadRes adds keys to each record but leaves its lists alone: a shallow copy suffices.
-        return gt.loadRes([dict(r) for r in results])
-
-
-def _evaluator(backend: str, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray, image_ids: list[int],
-               cat_ids: list[int]) -> Any:
-    _, eval_cls = _api(backend)
-    kwargs = {"print_function": lambda *a, **k: None} if backend == "faster_coco_eval" else {}
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator = eval_cls(gt, dt, iou_type, **kwargs)
-    evaluator.params.imgIds = sorted(image_ids)
-    evaluator.params.catIds = sorted(cat_ids)
-    if iou_type == "keypoints":
-        evaluator.params.kpt_oks_sigmas = sigmas
-    return evaluator
-
-
-def match_images(backend: str, gt: Any, dt: Any, iou_type: str, sigmas: np.ndarray,
-                 image_ids: list[int]) -> dict[str, Any]:
-    """Per-image matching of this rank's images: the backend's per-image records, picklable."""
-    evaluator = _evaluator(backend, gt, dt, iou_type, sigmas, image_ids, gt.getCatIds())
-    if backend == "faster_coco_eval":
-        evaluator.separate_eval = True  # keep the C++ per-image records instead of accumulating here
-    with contextlib.redirect_stdout(io.StringIO()):
+    def per_image_records(self, evaluator: Any) -> list[Any]:
         evaluator.evaluate()
-    records = evaluator.evalImgs if backend == "pycocotools" else evaluator._evalImgs_cpp
-    return {"image_ids": list(evaluator.params.imgIds), "cat_ids": list(evaluator.params.catIds),
-            "eval_imgs": records}
+        return evaluator.evalImgs
+
+    def accumulate(self, evaluator: Any, records: list[Any]) -> None:
+        evaluator.evalImgs = records
+        evaluator.accumulate()
 
 
-def merge_and_summarize(backend: str, iou_type: str, sigmas: np.ndarray, parts: list[dict[str, Any]],
-                        num_results: int) -> list[float]:
-    """One accumulate/summarize over every rank's per-image records; the backend's stats vector.
+class FasterCocoEvalBackend(EvalBackend):
+    """faster_coco_eval: with separate_eval, evaluate() keeps its C++ per-image records for accumulate()."""
 
-    Records are laid out [category][area range][image]; the ranks' blocks are joined along the
-    image axis and put in image-id order, which is what one process would have produced.
+    name = "faster_coco_eval"
+
+    def classes(self) -> tuple[type, type]:
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        return COCO, COCOeval_faster
+
+    def evaluator_options(self) -> dict[str, Any]:
+        return {"print_function": lambda *a, **k: None, "separate_eval": True}
+
+    def per_image_records(self, evaluator: Any) -> list[Any]:
+        evaluator.evaluate()
+        return evaluator._evalImgs_cpp
+
+    def accumulate(self, evaluator: Any, records: list[Any]) -> None:
+        evaluator._evalImgs_cpp = records
+        evaluator.accumulate()
+
+
+_BACKENDS: dict[str, type[EvalBackend]] = {b.name: b for b in (FasterCocoEvalBackend, PycocotoolsBackend)}
+BACKENDS = tuple(_BACKENDS)
+
+
+def backend_for(name: str) -> EvalBackend:
+    """The backend called `name` (eval.backend)."""
+    if name not in _BACKENDS:
+        raise EvaluationError(f"unknown evaluation backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def detection_sets(backend: EvalBackend, gt: Any, results: list[dict[str, Any]], iou_types: tuple[str, ...],
+                   keypoint_area: str = "keypoints") -> dict[str, Any]:
+    """The detections each evaluation sees: boxes with their own area; keypoints with the keypoints' extent.
+
+    keypoint_area="box" gives the keypoint evaluation the box's area (detectron2's convention).
     """
-    if num_results == 0:
-        return [0.0] * len(STAT_NAMES[iou_type])
-    image_ids = sorted(i for part in parts for i in part["image_ids"])
-    cat_ids = sorted({c for part in parts for c in part["cat_ids"]})
-    evaluator = _evaluator(backend, None, None, iou_type, sigmas, image_ids, cat_ids)
-    p = evaluator.params
-    p.maxDets = sorted(p.maxDets)
-    grids = [np.asarray(part["eval_imgs"], dtype=object).reshape(len(p.catIds), len(p.areaRng), -1)
-             for part in parts]
-    order = np.argsort(np.concatenate([np.asarray(part["image_ids"], np.int64) for part in parts]), kind="stable")
-    merged = list(np.concatenate(grids, axis=2)[:, :, order].flatten())
-    evaluator._paramsEval = copy.deepcopy(p)
-    with contextlib.redirect_stdout(io.StringIO()):
-        if backend == "pycocotools":
-            evaluator.evalImgs = merged
-            evaluator.accumulate()
-        else:
-            from faster_coco_eval.core.faster_eval_api import _C
-
-            evaluator.eval = _C.COCOevalAccumulate(evaluator._paramsEval, merged)
-        evaluator.summarize()
-    return [float(s) for s in evaluator.stats]
+    if keypoint_area not in KEYPOINT_AREAS:
+        raise EvaluationError(f"unknown keypoint_area {keypoint_area!r}; choose one of {', '.join(KEYPOINT_AREAS)}")
+    with_boxes = any("bbox" in r for r in results)
+    built: dict[bool, Any] = {}  # one loadRes per kind of area, shared by the iou types that use it
+    for iou_type in iou_types:
+        boxes = iou_type == "bbox" or keypoint_area == "box" or not with_boxes
+        if boxes not in built:
+            built[boxes] = backend.detections(gt, results, boxes=boxes)
+    return {t: built[t == "bbox" or keypoint_area == "box" or not with_boxes] for t in iou_types}
 
 
 SUMMARY_ROWS = {
@@ -242,43 +358,104 @@ def metrics_dict(stats: dict[str, list[float]]) -> dict[str, float]:
     return {f"{PREFIX[t]}/{name}": value for t, values in stats.items() for name, value in zip(STAT_NAMES[t], values)}
 
 
+def _record_text(record: Any) -> str:
+    text = json.dumps(record, default=str)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def check_results(results: Any, source: str, image_ids: set[int], category_id: int, num_keypoints: int,
+                  annotations: str = "the annotations") -> None:
+    """Refuse a results list that COCO evaluation cannot take, naming `source`, the first bad record and the rule.
+
+    Every record needs image_id (an image of the annotations), category_id, keypoints
+    (3 x num_keypoints finite numbers) and a finite score; a bbox, if any record has one, is in
+    every record (4 finite numbers, width and height >= 0). Records of another category than
+    `category_id` are counted for nothing: a warning gives their number and the first one.
+    """
+    if not isinstance(results, list):
+        raise EvaluationError(
+            f"{source}: expected a JSON list of COCO result records, got a JSON {type(results).__name__}")
+
+    def refuse(i: int, rule: str) -> None:
+        raise EvaluationError(f"{source}: record {i} {_record_text(results[i])}: {rule}")
+
+    def is_number(v: Any) -> bool:
+        return type(v) in (int, float)
+
+    has_box = any(type(r) is dict and "bbox" in r for r in results)
+    required = {"image_id", "category_id", "keypoints", "score"} | ({"bbox"} if has_box else set())
+    for i, r in enumerate(results):
+        if type(r) is not dict:
+            refuse(i, "a result record is a JSON object")
+        missing = required - r.keys()
+        if missing:
+            extra = "; a bbox is in every record or in none" if missing == {"bbox"} else ""
+            refuse(i, f"has no {', '.join(sorted(missing))}{extra}")
+        if type(r["image_id"]) is not int or r["image_id"] not in image_ids:
+            refuse(i, f"image_id {r['image_id']!r} is not the id of an image of {annotations}")
+        if type(r["category_id"]) is not int:
+            refuse(i, "category_id is an integer")
+        if not is_number(r["score"]) or not math.isfinite(r["score"]):
+            refuse(i, "score is a finite number")
+        kps = r["keypoints"]
+        if type(kps) is not list or len(kps) != 3 * num_keypoints:
+            got = f"{len(kps)} values" if type(kps) is list else f"a JSON {type(kps).__name__}"
+            refuse(i, f"keypoints has {got}, expected {3 * num_keypoints} ({num_keypoints} keypoints x (x, y, v))")
+        if has_box:
+            box = r["bbox"]
+            if type(box) is not list or len(box) != 4 or not all(is_number(v) for v in box):
+                refuse(i, "bbox is 4 numbers [x, y, width, height]")
+    # Element checks over all records at once: one pass through numpy instead of per-value Python.
+    for key, rule in (("keypoints", "keypoints are finite numbers"), ("bbox", "bbox values are finite numbers")):
+        if not results or (key == "bbox" and not has_box):
+            continue
+        values = np.asarray([r[key] for r in results])
+        if values.dtype.kind not in "biuf":
+            refuse(next(i for i, r in enumerate(results) if not all(is_number(v) for v in r[key])), rule)
+        finite = np.isfinite(values).all(axis=1)
+        if not finite.all():
+            refuse(int(np.argmin(finite)), rule)
+        if key == "bbox" and (values[:, 2:] < 0).any():
+            refuse(int(np.argmax((values[:, 2:] < 0).any(axis=1))), "bbox width and height are >= 0")
+    others = [i for i, r in enumerate(results) if r["category_id"] != category_id]
+    if others:
+        log.warning("%s: %d of %d results have a category_id that is not the keypoint category of %s (%d) and "
+                    "count for nothing; the first is record %d %s", source, len(others), len(results), annotations,
+                    category_id, others[0], _record_text(results[others[0]]))
+
+
 def evaluate_results(
     gt_dataset: dict[str, Any], results: list[dict[str, Any]], backend: str, sigmas: list[float] | None,
-    iou_types: tuple[str, ...] = ("keypoints", "bbox"),
+    iou_types: tuple[str, ...] = ("keypoints", "bbox"), keypoint_area: str = "keypoints",
 ) -> EvalOutput:
     """Evaluate one complete results list in this process (used for external results files)."""
     category = gt_dataset["categories"][0]
     num_keypoints = len(category.get("keypoints", [])) or len(COCO_KEYPOINT_SIGMAS)
     oks_sigmas = check_sigmas(sigmas, num_keypoints)
-    gt = _coco(backend, gt_dataset)
-    dt = _detections(backend, gt, results)
+    library = backend_for(backend)
+    gt = library.coco(gt_dataset)
+    dts = detection_sets(library, gt, results, iou_types, keypoint_area)
     image_ids = sorted(gt.getImgIds())
-    stats = {}
-    for iou_type in iou_types:
-        part = match_images(backend, gt, dt, iou_type, oks_sigmas, image_ids)
-        stats[iou_type] = merge_and_summarize(backend, iou_type, oks_sigmas, [part], len(results))
+    stats = {t: library.merge(t, [library.match(gt, dts[t], t, oks_sigmas, image_ids)]) for t in iou_types}
     return EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
 
 
 def evaluate_distributed(
     index: KeypointIndex, local_positions: np.ndarray, local_results: list[dict[str, Any]], backend: str,
-    sigmas: list[float] | None,
+    sigmas: list[float] | None, keypoint_area: str = "keypoints",
 ) -> EvalOutput:
     """Match this rank's images, merge on rank 0, and give every rank the metrics."""
     oks_sigmas = check_sigmas(sigmas, index.meta.num_keypoints)
-    local_gt = _coco(backend, ground_truth(index, local_positions))
-    local_dt = _detections(backend, local_gt, local_results)
+    library = backend_for(backend)
+    local_gt = library.coco(ground_truth(index, local_positions))
+    local_dts = detection_sets(library, local_gt, local_results, tuple(STAT_NAMES), keypoint_area)
     local_ids = [int(index.image_ids[i]) for i in local_positions.tolist()]
-    parts = {t: match_images(backend, local_gt, local_dt, t, oks_sigmas, local_ids) for t in STAT_NAMES}
+    parts = {t: library.match(local_gt, local_dts[t], t, oks_sigmas, local_ids) for t in STAT_NAMES}
     gathered = distributed.gather_objects((parts, local_results))
     output = None
     if gathered is not None:
         results = [r for _, rank_results in gathered for r in rank_results]
-        stats = {
-            iou_type: merge_and_summarize(backend, iou_type, oks_sigmas,
-                                          [rank_parts[iou_type] for rank_parts, _ in gathered], len(results))
-            for iou_type in STAT_NAMES
-        }
+        stats = {t: library.merge(t, [rank_parts[t] for rank_parts, _ in gathered]) for t in STAT_NAMES}
         output = EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
     metrics = distributed.broadcast_object(output.metrics if output else None)
     return output or EvalOutput(metrics, None, "")
@@ -305,7 +482,7 @@ def evaluate_model(model: nn.Module, cfg: Config, index: KeypointIndex, device: 
     loader = build_eval_loader(cfg, index, distributed.get_rank(), distributed.get_world_size(), device)
     positions = np.asarray(loader.dataset.indices, np.int64)
     results = predict(unwrap(model), loader, device, index.meta.category_id)
-    output = evaluate_distributed(index, positions, results, cfg.eval.backend, cfg.eval.sigmas)
+    output = evaluate_distributed(index, positions, results, cfg.eval.backend, cfg.eval.sigmas, cfg.eval.keypoint_area)
     if distributed.is_main_process():
         folder = write_outputs(cfg.output_dir, step, output)
         log.info("evaluation at step %d (%d images, %d detections, %s):\n%s\nwritten to %s", step,

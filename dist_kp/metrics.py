@@ -6,7 +6,8 @@ import json
 import logging
 from typing import Any
 
-from dist_kp import storage
+from dist_kp.run_folder import RunFolder
+from dist_kp.storage import is_local, write_file
 
 log = logging.getLogger(__name__)
 
@@ -19,18 +20,24 @@ class MetricsFile:
     rewritten, each upload replacing the object at once.
     """
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.fs, self.path = storage.url_to_fs(url)
-        self.local = storage.is_local(self.fs)
+    def __init__(self, folder: RunFolder) -> None:
+        self.folder = folder
+        self.url = folder.metrics
+        self.fs, self.path = folder.storage.url_to_fs(self.url)
+        self.local = is_local(self.fs)
         self.records: list[dict[str, Any]] = []
-        with storage.named_errors(url):
-            lines = self.fs.cat_file(self.path).decode().splitlines() if self.fs.exists(self.path) else []
+        lines = folder.read_bytes(self.url).decode(errors="replace").splitlines() if folder.exists(self.url) else []
         for number, line in enumerate(lines, 1):
             try:
-                self.records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                log.warning("%s line %d is cut off (the run was killed while writing it); dropped", url, number)
+                log.warning("%s line %d is cut off (the run was killed while writing it); dropped", self.url, number)
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+                log.warning("%s line %d is not a metrics record (a JSON object with an integer step); dropped",
+                            self.url, number)
+                continue
+            self.records.append(record)
 
     def truncate_after(self, step: int) -> None:
         """Forget records past `step` (a resumed run logs those steps again)."""
@@ -42,10 +49,10 @@ class MetricsFile:
         if not self.local:
             self._rewrite()
             return
-        with open(self.path, "a") as f:
+        with self.folder.storage.named_errors(self.url), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def _rewrite(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self.records)
-        with storage.named_errors(self.url):
-            storage.write_file(self.fs, self.path, text.encode())
+        with self.folder.storage.named_errors(self.url):
+            write_file(self.fs, self.path, text.encode())

@@ -1,13 +1,19 @@
-"""Keypoint R-CNN built from the model config.
+"""Keypoint R-CNN built from the model config, and the weights it starts from.
 
 The defaults build exactly torchvision's keypointrcnn_resnet50_fpn; the options shrink it
 (backbone, FPN width, head sizes, sample counts, image size) down to the tiny CPU config.
+Weights load by name and shape, so COCO weights start a model of another skeleton
+(`model.weights_strict=true` refuses any difference); torchvision weights names are read from
+torch's hub cache and never downloaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +28,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dist_kp import storage
+from dist_kp import distributed, storage
 from dist_kp.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -32,13 +38,63 @@ class WeightsError(ValueError):
     """Weights that cannot be loaded into the model; the message names the source and the keys."""
 
 
-def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
-    """A state dict from a torchvision weights name, a local path or an fsspec URL."""
-    if "_Weights." in source and "/" not in source:
+# Fewer of the model's values than this found in a weights file (by name and shape): another architecture.
+MIN_MATCHING_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class TorchvisionWeightsFile:
+    """Where torch.hub keeps a torchvision weights file, and how to recognise it."""
+
+    name: str
+    url: str
+    path: Path
+    sha256_prefix: str
+
+    @classmethod
+    def of(cls, name: str) -> TorchvisionWeightsFile:
         try:
-            return torchvision.models.get_weight(source).get_state_dict(progress=False)
+            weights = torchvision.models.get_weight(name)
         except (KeyError, ValueError) as error:
-            raise WeightsError(f"unknown torchvision weights name {source!r}: {error}") from None
+            raise WeightsError(f"unknown torchvision weights name {name!r}: {error}") from None
+        file_name = weights.url.rsplit("/", 1)[-1]
+        found = torch.hub.HASH_REGEX.search(file_name)
+        return cls(str(weights), weights.url, Path(torch.hub.get_dir()) / "checkpoints" / file_name,
+                   found.group(1) if found else "")
+
+    def missing_message(self) -> str:
+        fetch_name = self.path.name
+        return (
+            f"torchvision weights {self.name} are not on this machine, and dist_kp never downloads at run time.\n"
+            f"  Put {fetch_name} (sha256 starting {self.sha256_prefix}) at {self.path}\n"
+            f"  (torch's hub cache: $TORCH_HOME/hub/checkpoints/, TORCH_HOME defaults to ~/.cache/torch;"
+            f" point TORCH_HOME at a shared folder for every node),\n"
+            f"  or give the file's path or object-store URL as model.weights (e.g. s3://bucket/weights/{fetch_name}).\n"
+            f"  On a machine with internet: curl -L -o {fetch_name} {self.url}\n"
+            f"  then `sha256sum {fetch_name}` must start with {self.sha256_prefix}; copy the file to the nodes."
+        )
+
+    def read(self) -> dict[str, torch.Tensor]:
+        """The state dict from the hub cache; never downloads (the file must be there)."""
+        if not self.path.is_file():
+            raise WeightsError(self.missing_message())
+        if self.sha256_prefix:
+            digest = hashlib.sha256()
+            with self.path.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+            if not digest.hexdigest().startswith(self.sha256_prefix):
+                log.warning("%s: sha256 %s does not start with %s as torchvision's file does: another version "
+                            "or a damaged copy of %s", self.path, digest.hexdigest()[:16], self.sha256_prefix,
+                            self.name)
+        return _load_file(str(self.path))
+
+
+def _is_torchvision_name(source: str) -> bool:
+    return "_Weights." in source and "/" not in source
+
+
+def _load_file(source: str) -> dict[str, torch.Tensor]:
     try:
         with storage.open_url(source, "rb") as f:
             loaded = torch.load(f, map_location="cpu", weights_only=True)
@@ -53,9 +109,43 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def load_weights(module: nn.Module, source: str) -> None:
-    """Load a state dict strictly; a mismatch names the missing and unexpected keys."""
-    state = _read_state_dict(source)
+def read_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """A state dict from a torchvision weights name (hub cache only), a local path or an fsspec URL."""
+    if _is_torchvision_name(source):
+        return TorchvisionWeightsFile.of(source).read()
+    return _load_file(source)
+
+
+@dataclass
+class WeightsReport:
+    """What a non-strict load did: tensors loaded, re-initialised (model shape, file shape or None), unused."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = field(default_factory=dict)
+    unused: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """Loaded tensors counted per module; every re-initialised and unused tensor with its shapes."""
+        lines = [f"weights from {self.source}: {len(self.loaded)} tensors loaded, {len(self.reinitialised)} "
+                 f"re-initialised, {len(self.unused)} unused"]
+        groups: dict[str, int] = {}
+        for name in self.loaded:
+            group = ".".join(name.split(".")[:-1][:2]) or name
+            groups[group] = groups.get(group, 0) + 1
+        lines += [f"  loaded          {group}  ({count} tensors)" for group, count in groups.items()]
+        for name, (model_shape, file_shape) in self.reinitialised.items():
+            found = "not in the file" if file_shape is None else f"file {_shape(file_shape)}"
+            lines.append(f"  re-initialised  {name}  model {_shape(model_shape)}, {found}")
+        lines += [f"  unused          {name}  file {_shape(shape)}" for name, shape in self.unused.items()]
+        return "\n".join(lines)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return str(tuple(shape))
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches raise even when strict=False
@@ -66,7 +156,55 @@ def load_weights(module: nn.Module, source: str) -> None:
             f"{' ...' if len(result.missing_keys) > 10 else ''}, unexpected keys {result.unexpected_keys[:10]}"
             f"{' ...' if len(result.unexpected_keys) > 10 else ''}"
         )
-    log.info("loaded weights from %s", source)
+
+
+def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> WeightsReport:
+    report = WeightsReport(source)
+    own = module.state_dict()
+    for name, tensor in own.items():
+        theirs = state.get(name)
+        if theirs is not None and tuple(theirs.shape) == tuple(tensor.shape):
+            report.loaded.append(name)
+        else:
+            report.reinitialised[name] = (tuple(tensor.shape), None if theirs is None else tuple(theirs.shape))
+    # FrozenBatchNorm2d has no num_batches_tracked counter: a file's counters are not worth a line each.
+    report.unused = {name: tuple(t.shape) for name, t in state.items()
+                     if name not in own and not name.endswith("num_batches_tracked")}
+    total = sum(t.numel() for t in own.values())
+    matching = sum(own[name].numel() for name in report.loaded)
+    if matching < MIN_MATCHING_FRACTION * total:
+        examples = "; ".join(
+            f"{name}: model {_shape(m)}, {'not in the file' if f is None else 'file ' + _shape(f)}"
+            for name, (m, f) in list(report.reinitialised.items())[:5])
+        raise WeightsError(
+            f"weights {source} are not weights of this model: only {len(report.loaded)} of {len(own)} tensors "
+            f"({100 * matching / max(total, 1):.0f}% of the values) match by name and shape, e.g. {examples}. "
+            "Another backbone or other head sizes (model.*) than the run that wrote them? "
+            "Backbone-only weights go to model.backbone_weights."
+        )
+    module.load_state_dict({name: state[name] for name in report.loaded}, strict=False)
+    return report
+
+
+def load_weights(module: nn.Module, source: str, strict: bool = False) -> WeightsReport:
+    """Load weights into a freshly built module.
+
+    strict: every tensor must be there with its shape, and nothing else (a mismatch names the keys).
+    Otherwise every tensor whose name and shape match is loaded and the others keep the module's
+    fresh initialisation (a keypoint predictor for another number of keypoints, a box predictor for
+    another number of classes); rank 0 logs the table of what was loaded, re-initialised and unused.
+    A file in which less than half of the model's values match is refused (another architecture).
+    """
+    state = read_state_dict(source)
+    if strict:
+        _load_strict(module, state, source)
+        log.info("loaded weights from %s (strict)", source)
+        return WeightsReport(source, loaded=list(state))
+    report = _load_matching(module, state, source)
+    if distributed.is_main_process():
+        log.info("%s", report.table())
+        log.debug("loaded tensors from %s:\n  %s", source, "\n  ".join(report.loaded))
+    return report
 
 
 def _norm_layer(cfg: ModelConfig) -> type[nn.Module]:
@@ -85,7 +223,7 @@ def _trainable_layers(cfg: ModelConfig) -> int:
 def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[BackboneWithFPN, int]:
     resnet = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
-        load_weights(resnet, cfg.backbone_weights)
+        load_weights(resnet, cfg.backbone_weights, cfg.weights_strict)
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: _trainable_layers(cfg)]
     if _trainable_layers(cfg) == 5:
         trainable.append("bn1")
@@ -101,7 +239,7 @@ def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[Bac
 def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[BackboneWithFPN, int]:
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
-        load_weights(mobilenet, cfg.backbone_weights)
+        load_weights(mobilenet, cfg.backbone_weights, cfg.weights_strict)
     features = mobilenet.features
     stages = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
     freeze_before = stages[len(stages) - _trainable_layers(cfg)] if _trainable_layers(cfg) < len(stages) else 0
@@ -146,7 +284,7 @@ def build_model(cfg: ModelConfig, num_keypoints: int) -> KeypointRCNN:
         keypoint_predictor=KeypointRCNNPredictor(cfg.keypoint_head_channels, num_keypoints),
     )
     if cfg.weights:
-        load_weights(model, cfg.weights)
+        load_weights(model, cfg.weights, cfg.weights_strict)
     return model
 
 

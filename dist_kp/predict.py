@@ -90,14 +90,6 @@ def load_predictor(weights: str, device: torch.device) -> tuple[KeypointRCNN, Ke
     return model.eval().to(device), meta
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise PredictError("--device cuda but torch.cuda.is_available() is False on this host")
-    return torch.device("cuda")
-
-
 def _name(source: str) -> str:
     return PurePosixPath(source.rstrip("/")).name
 
@@ -167,7 +159,7 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Predict on every input; returns the exit status (0 all done, 1 some inputs failed)."""
-    device = pick_device(args.device)
+    device = distributed.pick_device(args.device)
     model, meta = load_predictor(args.weights, device)
     log.info("model from %s: %d keypoints, %d skeleton limbs, device %s", args.weights, meta.num_keypoints,
              len(meta.skeleton), device)
@@ -229,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (PredictError, storage.StorageError) as error:
+    except (PredictError, storage.StorageError, distributed.LaunchError) as error:
         log.error("%s", error)
         return 2
 

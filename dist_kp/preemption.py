@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from types import FrameType
 
 from dist_kp import distributed
@@ -34,23 +35,47 @@ def job_requeued() -> bool:
 
 
 class PreemptionHandler:
-    """Installs the signal handlers and says, on every rank at once, when to stop."""
+    """Signal handlers that ask for a stop at the next step boundary, and say on every rank at once when to stop.
+
+    Until `install` (when training starts) the signals keep their default action: a signal
+    during start-up (data index, rendezvous, loading) ends the process at once, as there is
+    no step boundary yet to stop at. After a signal, a step that does not end within
+    `grace_s` (a hung collective, a stuck loader) ends the process without a checkpoint.
+    """
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float = 120.0) -> None:
         self.received: int | None = None
+        self.grace_s = grace_s
+        self._watchdog: threading.Timer | None = None
+
+    def install(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # A second signal (e.g. SIGTERM after SIGUSR1) must not interrupt the save in progress.
-        if self.received is None:
-            self.received = signum
+        if self.received is not None:
+            return
+        self.received = signum
+        self._watchdog = threading.Timer(self.grace_s, self._give_up, args=(signum,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _give_up(self, signum: int) -> None:
+        log.error("rank %d: %s received, but the current step did not end within %.0f s (train.stop_grace_s); "
+                  "exiting without a checkpoint (the run resumes from the previous one)", distributed.get_rank(),
+                  signal.Signals(signum).name, self.grace_s)
+        logging.shutdown()
+        os._exit(EXIT_PREEMPTED)
 
     def should_stop(self) -> bool:
-        """Collective: True on every rank when any rank received a signal."""
-        return distributed.any_rank(self.received is not None)
+        """Collective: True on every rank when any rank received a signal (the step boundary is reached)."""
+        stop = distributed.any_rank(self.received is not None)
+        if stop and self._watchdog is not None:
+            self._watchdog.cancel()
+        return stop
 
     def finish(self) -> int:
         """After the checkpoint: requeue the SLURM job (rank 0) and return the exit status."""

@@ -24,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from dist_kp import storage
 from dist_kp.metrics import MetricsFile
+from dist_kp.run_folder import EVAL_METRICS, EVAL_PICTURES, RunFolder
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger("dist_kp.report")
-
-# Written by training (dist_kp.tracking) next to each evaluation's metrics.json.
-PICTURES_FILE = "predictions.png"
 
 AP_KEYS = {"keypoints (OKS)": ["kp/AP", "kp/AP50", "kp/AP75", "kp/APm", "kp/APl", "kp/AR"],
            "boxes (IoU)": ["bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APm", "bbox/APl", "bbox/AR100"]}
@@ -63,23 +61,32 @@ class RunHistory:
         return sorted(keys, key=lambda k: (k != "train/loss", k))
 
 
+def _evaluation_metrics(folder: RunFolder, step: int) -> dict[str, float] | None:
+    """eval/<step>/metrics.json without its step; None (with a warning) when it is not a metrics object."""
+    url = folder.eval_file(step, EVAL_METRICS)
+    try:
+        metrics = json.loads(folder.read_bytes(url))
+    except (ValueError, UnicodeDecodeError) as error:
+        log.warning("%s is not JSON (%s); skipped", url, error)
+        return None
+    if not isinstance(metrics, dict):
+        log.warning("%s holds a %s, not a metrics object; skipped", url, type(metrics).__name__)
+        return None
+    return {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+
+
 def load_history(output_dir: str) -> RunHistory:
-    """Read metrics.jsonl and every eval/<step>/metrics.json of a run."""
-    root = output_dir.rstrip("/")
-    with storage.named_errors(root):
-        records = MetricsFile(f"{root}/metrics.jsonl").records
-        fs, eval_path = storage.url_to_fs(f"{root}/eval")
-        evaluations, pictures = {}, {}
-        if fs.exists(eval_path):
-            for folder in fs.ls(eval_path, detail=False):
-                name = folder.rstrip("/").rsplit("/", 1)[-1]
-                if not name.isdigit():
-                    continue
-                if fs.exists(f"{folder}/metrics.json"):
-                    with fs.open(f"{folder}/metrics.json", "r") as f:
-                        evaluations[int(name)] = {k: v for k, v in json.load(f).items() if k != "step"}
-                if fs.exists(f"{folder}/{PICTURES_FILE}"):
-                    pictures[int(name)] = f"{root}/eval/{name}/{PICTURES_FILE}"
+    """Read metrics.jsonl and every eval/<step>/metrics.json of a run (storage options from the environment)."""
+    folder = RunFolder(output_dir)
+    records = MetricsFile(folder).records
+    evaluations, pictures = {}, {}
+    for step in folder.eval_steps():
+        if folder.exists(folder.eval_file(step, EVAL_METRICS)):
+            metrics = _evaluation_metrics(folder, step)
+            if metrics is not None:
+                evaluations[step] = metrics
+        if folder.exists(folder.eval_file(step, EVAL_PICTURES)):
+            pictures[step] = folder.eval_file(step, EVAL_PICTURES)
     if not records and not evaluations:
         raise ReportError(f"{output_dir}: no metrics.jsonl records and no eval/<step>/metrics.json "
                           "(is this the output_dir of a training run?)")
@@ -172,18 +179,11 @@ def plot_ap(history: RunHistory) -> Figure | None:
     return fig
 
 
-def _write(url: str, data: bytes) -> None:
-    with storage.named_errors(url), storage.open_url(url, "wb") as f:
-        f.write(data)
-
-
 def write_report(output_dir: str, out: str | None = None) -> list[str]:
     """Write the plots and the newest prediction pictures; returns the URLs written."""
     history = load_history(output_dir)
-    out = (out or f"{output_dir.rstrip('/')}/report").rstrip("/")
-    fs, path = storage.url_to_fs(out)
-    with storage.named_errors(out):
-        fs.makedirs(path, exist_ok=True)
+    folder = RunFolder(output_dir)
+    out = (out or folder.report_folder()).rstrip("/")
     written = []
     plots = {"losses.png": plot_losses, "lr.png": plot_lr, "throughput.png": plot_throughput, "ap.png": plot_ap}
     for name, plot in plots.items():
@@ -193,14 +193,13 @@ def write_report(output_dir: str, out: str | None = None) -> list[str]:
             continue
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=100)
-        _write(f"{out}/{name}", buffer.getvalue())
+        folder.write(f"{out}/{name}", buffer.getvalue())
         written.append(f"{out}/{name}")
     if history.pictures:
         step, url = list(history.pictures.items())[-1]
-        with storage.named_errors(url), storage.open_url(url, "rb") as f:
-            _write(f"{out}/predictions.png", f.read())
-        written.append(f"{out}/predictions.png")
-        log.info("predictions.png: ground truth (left) and predictions (right) at step %d", step)
+        folder.write(f"{out}/{EVAL_PICTURES}", folder.read_bytes(url))
+        written.append(f"{out}/{EVAL_PICTURES}")
+        log.info("%s: ground truth (left) and predictions (right) at step %d", EVAL_PICTURES, step)
     steps, losses = history.series("train/loss")
     smoothed_steps, smoothed = history.series("train/loss_smoothed")
     if losses and smoothed:

@@ -1,9 +1,8 @@
 """What rank 0 records about a run: metrics.jsonl, pictures of predictions, and W&B.
 
-    tracker = start_tracking(cfg, train_state, metrics)   # every rank; a no-op off rank 0
-    tracker.record(record)                  # a training record: metrics.jsonl, then W&B
-    tracker.evaluation(step, output, index)  # AP summaries and prediction pictures
-    tracker.finish()
+    tracker = start_tracking(cfg, folder, run_state)   # every rank; a no-op off rank 0
+    trainer.register(tracker)          # a hook: each logged step's record, then W&B; closes at the end
+    tracker.evaluation(step, output, index)            # AP summaries and prediction pictures
 
 W&B (`tracking.mode` online or offline) keeps one run per output_dir across restarts: the run
 id is created once, written to OUTPUT_DIR/tracking.json and into every checkpoint, and every
@@ -21,48 +20,37 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torchvision.io import encode_png
 
-from dist_kp import distributed, storage
-from dist_kp.checkpoint import TrainState
+from dist_kp import distributed
 from dist_kp.config import Config
 from dist_kp.data.coco import KeypointIndex, build_target, read_image
 from dist_kp.data.loaders import join
 from dist_kp.evaluation import EvalOutput
+from dist_kp.hooks import PREEMPTED, Hook
 from dist_kp.metrics import MetricsFile
-from dist_kp.report import PICTURES_FILE
+from dist_kp.run_folder import EVAL_PICTURES, RunFolder
+from dist_kp.run_state import RunState
+from dist_kp.secrets import redact
 from dist_kp.visualize import pad_to, people_from_results, tile, truth_and_prediction
+
+if TYPE_CHECKING:
+    from dist_kp.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RUN_FILE = "tracking.json"
 # Predictions drawn in the pictures: the confident ones, as a user would filter them.
 PICTURE_MIN_SCORE = 0.5
-SECRET_NAME = re.compile(r"secret|passw|token|api_?key|access_?key|credential|signature|auth", re.IGNORECASE)
-URL_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s]+@")
-URL_QUERY = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^?\s]*)\?\S*")
-
-
-def redact(value: Any) -> Any:
-    """A copy without secrets: values of secret-looking keys, URL user:password@ and URL query strings."""
-    if isinstance(value, dict):
-        return {k: "<redacted>" if SECRET_NAME.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return URL_QUERY.sub(r"\1?<redacted>", URL_USERINFO.sub(r"\1<redacted>@", value))
-    return value
 
 
 @contextlib.contextmanager
@@ -76,47 +64,49 @@ def redacted_argv() -> Iterator[None]:
         sys.argv = argv
 
 
-def last_logged_step(metrics: MetricsFile, output_dir: str) -> int:
+class RunId:
+    """The W&B run id, a part of the run state: every checkpoint carries it."""
+
+    def __init__(self) -> None:
+        self.value = ""
+
+    def state_dict(self) -> dict[str, str]:
+        return {"run_id": self.value}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        self.value = str(state.get("run_id", ""))
+
+
+def last_logged_step(metrics: MetricsFile, folder: RunFolder) -> int:
     """The newest step a previous process of this run recorded (training records or evaluations).
 
     Records reach metrics.jsonl and eval/<step>/ before W&B, so W&B holds no step past this one.
     """
     steps = [int(r.get("step", 0)) for r in metrics.records]
-    fs, path = storage.url_to_fs(f"{output_dir.rstrip('/')}/eval")
-    with storage.named_errors(f"{output_dir.rstrip('/')}/eval"):
-        if fs.exists(path):
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
-            steps += [int(n) for n in names if n.isdigit()]
-    return max(steps, default=0)
+    return max(steps + folder.eval_steps(), default=0)
 
 
-def run_id_for(cfg: Config, checkpoint_run_id: str) -> tuple[str, bool]:
+def run_id_for(cfg: Config, folder: RunFolder, checkpoint_run_id: str, starts_over: bool) -> tuple[str, bool]:
     """This output_dir's W&B run id, and whether it continues an earlier run.
 
     From tracking.json, else the resumed checkpoint, else a new one (then written to
-    tracking.json). A fresh start over an old run (checkpoint.resume=none with overwrite) gets
-    a new run.
+    tracking.json). A start over an old run (checkpoint.resume=none) gets a new run.
     """
-    url = f"{cfg.output_dir.rstrip('/')}/{RUN_FILE}"
-    fs, path = storage.url_to_fs(url)
-    fresh = cfg.checkpoint.resume == "none" and cfg.checkpoint.overwrite
-    with storage.named_errors(url):
-        if not fresh and fs.exists(path):
-            with fs.open(path, "r") as f:
-                run_id = json.load(f).get("run_id", "")
-            if run_id:
-                return run_id, True
-        run_id = "" if fresh else checkpoint_run_id
-        continued = bool(run_id)
-        run_id = run_id or uuid.uuid4().hex[:16]
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        with fs.open(path, "w") as f:
-            json.dump({"run_id": run_id, "project": cfg.tracking.project, "entity": cfg.tracking.entity,
-                       "created": time.time()}, f, indent=1)
+    url = folder.tracking
+    if not starts_over and folder.exists(url):
+        with folder.storage.named_errors(url):
+            run_id = json.loads(folder.read_bytes(url)).get("run_id", "")
+        if run_id:
+            return run_id, True
+    run_id = "" if starts_over else checkpoint_run_id
+    continued = bool(run_id)
+    run_id = run_id or uuid.uuid4().hex[:16]
+    record = {"run_id": run_id, "project": cfg.tracking.project, "entity": cfg.tracking.entity, "created": time.time()}
+    folder.write(url, json.dumps(record, indent=1).encode())
     return run_id, continued
 
 
-class NoTracking:
+class NoTracking(Hook):
     """What ranks other than 0 get: every call does nothing."""
 
     run_id = ""
@@ -136,6 +126,13 @@ class NoTracking:
     def finish(self, preempted: bool = False) -> None:
         pass
 
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.log_record is not None:
+            self.record(trainer.log_record)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self.finish(preempted=trainer.stop_reason == PREEMPTED)
+
 
 class Tracker(NoTracking):
     """Rank 0's tracker: metrics.jsonl, prediction pictures, and the W&B run when one is configured.
@@ -143,8 +140,10 @@ class Tracker(NoTracking):
     Every W&B call is guarded: the first failure is logged once and W&B stays off afterwards.
     """
 
-    def __init__(self, cfg: Config, metrics: MetricsFile, run_id: str = "", resume_after: int = 0) -> None:
+    def __init__(self, cfg: Config, metrics: MetricsFile, run_id: str = "", resume_after: int = 0,
+                 folder: RunFolder | None = None) -> None:
         self.cfg = cfg
+        self.folder = folder or RunFolder.for_config(cfg)
         self.metrics = metrics
         self.run_id = run_id
         # Steps up to here were recorded (and perhaps sent to W&B) before this process started.
@@ -167,8 +166,8 @@ class Tracker(NoTracking):
         with redacted_argv():
             run = wandb.init(
                 id=self.run_id, resume="allow", mode=mode, project=t.project, entity=t.entity,
-                name=t.name or self.cfg.output_dir.rstrip("/").rsplit("/", 1)[-1], group=t.group,
-                tags=t.tags or None, notes=t.notes, job_type="train", config=config,
+                name=redact(t.name or self.folder.url.rsplit("/", 1)[-1]), group=redact(t.group),
+                tags=redact(t.tags) or None, notes=redact(t.notes), job_type="train", config=config,
             )
         log.info("W&B run %s (%s, project %s)%s", self.run_id, mode, t.project,
                  f", resuming after step {self.resume_after}" if self.resume_after else "")
@@ -245,7 +244,7 @@ class Tracker(NoTracking):
         evaluated = len(index) if self.cfg.eval.max_images is None else min(self.cfg.eval.max_images, len(index))
         positions = [i for i in range(evaluated) if index.ann_offsets[i + 1] > index.ann_offsets[i]][:count]
         image_root = join(self.cfg.data.root, self.cfg.data.val_images)
-        url = f"{self.cfg.output_dir.rstrip('/')}/eval/{step:08d}/{PICTURES_FILE}"
+        url = self.folder.eval_file(step, EVAL_PICTURES)
         try:
             pictures = []
             for i in positions:
@@ -258,11 +257,7 @@ class Tracker(NoTracking):
                                  truth_and_prediction(image, truth, prediction, index.meta.skeleton,
                                                       f"image {image_id}")))
             if pictures:
-                with storage.named_errors(url):
-                    fs, path = storage.url_to_fs(url)
-                    fs.makedirs(fs._parent(path), exist_ok=True)
-                    with fs.open(path, "wb") as f:
-                        f.write(encode_png(tile([p for _, p in pictures], columns=1)).numpy().tobytes())
+                self.folder.write(url, encode_png(tile([p for _, p in pictures], columns=1)).numpy().tobytes())
             return pictures
         except Exception as error:  # noqa: BLE001 - pictures are a view of the run, never a reason to stop it
             log.warning("prediction pictures for step %d not drawn: %s: %s", step, type(error).__name__, error)
@@ -283,15 +278,21 @@ class Tracker(NoTracking):
             log.info("W&B run %s closed; newest checkpoint %s", self.run_id, newest[1])
 
 
-def start_tracking(cfg: Config, train_state: TrainState, metrics: MetricsFile | None) -> NoTracking:
-    """Rank 0 gets a Tracker, other ranks NoTracking. Call after resuming, before metrics.truncate_after.
+def start_tracking(cfg: Config, folder: RunFolder, run_state: RunState, run_id: RunId) -> NoTracking:
+    """Rank 0 gets a Tracker, other ranks NoTracking. Call after resuming (`run_id` then holds the checkpoint's).
 
-    The W&B run id goes into `train_state`, so that every checkpoint from now on carries it.
+    The W&B run id goes into `run_id`, a part of the run state, so that every checkpoint from
+    now on carries it. Records past the resumed step (or of a start killed before its first
+    checkpoint) are dropped from metrics.jsonl: this run records those steps again.
     """
-    if not distributed.is_main_process() or metrics is None:
+    if not distributed.is_main_process():
         return NoTracking()
+    metrics = MetricsFile(folder)
+    resumed_step = run_state.resumed.step if run_state.resumed else 0
     if cfg.tracking.mode == "disabled":
-        return Tracker(cfg, metrics)
-    run_id, continued = run_id_for(cfg, train_state.tracking_run_id)
-    train_state.tracking_run_id = run_id
-    return Tracker(cfg, metrics, run_id, last_logged_step(metrics, cfg.output_dir) if continued else 0)
+        tracker = Tracker(cfg, metrics, folder=folder)
+    else:
+        run_id.value, continued = run_id_for(cfg, folder, run_id.value, run_state.starts_over)
+        tracker = Tracker(cfg, metrics, run_id.value, last_logged_step(metrics, folder) if continued else 0, folder)
+    metrics.truncate_after(resumed_step)
+    return tracker

@@ -13,7 +13,6 @@ Running the same command again resumes from the newest valid checkpoint in OUTPU
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import random
@@ -23,21 +22,21 @@ import numpy as np
 import torch
 
 from dist_kp import distributed, storage
-from dist_kp.checkpoint import Checkpointer, CheckpointStore, TrainState, resume_training
+from dist_kp.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
+from dist_kp.data.coco import DataError
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
-from dist_kp.engine import (
-    TrainProgress,
-    build_optimizer,
-    build_scheduler,
-    check_replicas_identical,
-    train_one_epoch,
-)
+from dist_kp.data.sampler import BatchSizeError
+from dist_kp.distributed import LaunchError
 from dist_kp.evaluation import EvaluationError, check_sigmas, evaluate_model
-from dist_kp.metrics import MetricsFile
-from dist_kp.model import build_model, weights_payload
-from dist_kp.tracking import start_tracking
+from dist_kp.hooks import CheckpointHook, EvaluationHook, FinalWeightsHook, PreemptionHook, user_hooks
+from dist_kp.model import build_model, unwrap, weights_payload
 from dist_kp.preemption import PreemptionHandler
+from dist_kp.run_folder import RunFolder
+from dist_kp.run_state import ResumeError, RunState
+from dist_kp.schedule import build_optimizer, build_scheduler
+from dist_kp.tracking import RunId, start_tracking
+from dist_kp.trainer import Trainer
 
 log = logging.getLogger("dist_kp.train")
 
@@ -60,34 +59,17 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def write_config(cfg: Config) -> None:
-    storage.write_url(f"{cfg.output_dir.rstrip('/')}/config.yaml", config_to_yaml(cfg).encode())
-
-
-def save_final_weights(model: torch.nn.Module, cfg: Config, keypoint_meta: dict) -> None:
-    """OUTPUT_DIR/model_final.pt: the state dict plus what inference needs to rebuild the model."""
-    url = f"{cfg.output_dir.rstrip('/')}/model_final.pt"
-    buffer = io.BytesIO()
-    torch.save(weights_payload(model, cfg.model, keypoint_meta), buffer)
-    storage.write_url(url, buffer.getvalue())
-    log.info("final weights written to %s", url)
-
-
-def finished(progress: TrainProgress, cfg: Config) -> bool:
-    return progress.epoch >= cfg.train.epochs or (
-        cfg.train.max_steps is not None and progress.step >= cfg.train.max_steps)
-
-
 def run(cfg: Config) -> int:
     """Train to the end (exit status 0) or until a preemption signal (checkpoint, requeue, status)."""
-    preemption = PreemptionHandler()
+    preemption = PreemptionHandler(cfg.train.stop_grace_s)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    storage.configure(cfg.checkpoint.storage_options, cfg.checkpoint.timeout_s)
+    folder = RunFolder.for_config(cfg)
+    storage.configure(folder.storage.options, folder.storage.timeout_s)
     seed_everything(cfg.train.seed, info.rank)
-    store = CheckpointStore(cfg.output_dir, cfg.checkpoint)
     if info.is_main:
-        write_config(cfg)
-        log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, cfg.output_dir)
+        folder.remove_stale_temporaries()
+        folder.write(folder.config, config_to_yaml(cfg).encode())
+        log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, folder.url)
         if "SLURM_JOB_ID" in os.environ:
             log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
                      os.environ.get("SLURM_RESTART_COUNT", "0"))
@@ -105,65 +87,40 @@ def run(cfg: Config) -> int:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
-    progress = TrainProgress()
-    train_state = TrainState(model, optimizer, scheduler, scaler, progress, cfg)
-    resumed = resume_training(store, train_state)
-    checkpointer = Checkpointer(store, train_state, sampler.batches_per_epoch)
-    metrics = MetricsFile(f"{cfg.output_dir.rstrip('/')}/metrics.jsonl") if info.is_main else None
-    tracker = start_tracking(cfg, train_state, metrics)
-    store.on_started, store.on_saved = tracker.checkpoint_started, tracker.checkpoint_saved
+    trainer = Trainer(cfg, model, optimizer, scheduler, scaler, loader, sampler, info.device)
+
+    state = RunState(cfg)
+    run_id = RunId()
+    for name, part in (("model", unwrap(model)), ("optimizer", optimizer), ("scheduler", scheduler),
+                       ("scaler", scaler), ("progress", trainer.progress), ("tracking", run_id)):
+        state.register(name, part)
+    store = CheckpointStore(folder, cfg.checkpoint)
+    resumed = state.resume(store)
+    if resumed:
+        trainer.continue_from(resumed)
+    tracker = start_tracking(cfg, folder, state, run_id)
     if info.is_main:
         if resumed:
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed, progress.step, progress.epoch,
-                     progress.batch)
-        # Records past the checkpoint, or of a start killed before its first checkpoint, are redone.
-        metrics.truncate_after(progress.step)
-        log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), sampler.batches_per_epoch)
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed.url, resumed.step, resumed.epoch,
+                     resumed.batch)
+        log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), trainer.steps_per_epoch)
 
-    preempted = False
-
-    def after_step(progress: TrainProgress) -> bool:
-        nonlocal preempted
-        checkpointer.after_step(progress)
-        preempted = preemption.should_stop()
-        if preempted:
-            checkpointer.save(wait=True)
-        return preempted
-
-    evaluated_at = -1
-    while not finished(progress, cfg):
-        sampler.set_epoch(progress.epoch, start_batch=progress.batch)
-        stopped = train_one_epoch(
-            model, optimizer, scheduler, loader, progress, cfg, info.device, scaler,
-            record=tracker.record,
-            after_step=after_step,
-        )
-        if preempted:
-            break
-        if progress.batch == sampler.batches_per_epoch:
-            progress.epoch += 1
-            progress.batch = 0
-            checkpointer.save(epoch_end=True)
-            if cfg.eval.every_epochs and progress.epoch % cfg.eval.every_epochs == 0:
-                tracker.evaluation(progress.step, evaluate_model(model, cfg, evaluation_index, info.device,
-                                                                 progress.step), evaluation_index)
-                evaluated_at = progress.step
-        if stopped:
-            break
-    checkpointer.save(wait=True)
-    checkpointer.close()
-    if preempted:
-        tracker.finish(preempted=True)
-        return preemption.finish()
-    if cfg.eval.at_end and evaluated_at != progress.step:
-        tracker.evaluation(progress.step, evaluate_model(model, cfg, evaluation_index, info.device, progress.step),
-                           evaluation_index)
-    check_replicas_identical(model)
-    if info.is_main:
-        save_final_weights(model, cfg, index.meta.to_dict())
-        log.info("training finished at step %d (epoch %d)", progress.step, progress.epoch)
-    tracker.finish()
-    return 0
+    preempted = PreemptionHook(preemption)
+    hooks = [
+        CheckpointHook(store, state, cfg.checkpoint, tracker.checkpoint_started, tracker.checkpoint_saved),
+        EvaluationHook(cfg.eval, lambda step: evaluate_model(model, cfg, evaluation_index, info.device, step),
+                       lambda step, output: tracker.evaluation(step, output, evaluation_index)),
+        FinalWeightsHook(folder, lambda: weights_payload(model, cfg.model, index.meta.to_dict())),
+        tracker,
+        preempted,
+        *user_hooks(cfg),
+    ]
+    for hook in hooks:
+        trainer.register(hook)
+    trainer.train()
+    if info.is_main and trainer.stop_reason is None:
+        log.info("training finished at step %d (epoch %d)", trainer.progress.step, trainer.progress.epoch)
+    return preempted.exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except (storage.StorageError, EvaluationError) as error:
+    except (ConfigError, LaunchError, BatchSizeError, DataError) as error:
+        log.error("rank %d: %s", distributed.get_rank(), error)
+        return 2
+    except (storage.StorageError, EvaluationError, CheckpointError, ResumeError) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 1
     except Exception:

@@ -39,6 +39,7 @@ PYTHON=${PYTHON:-python3}
 
 # Rendezvous: the first host of the allocation, a port derived from the job id.
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The port formula of dist_kp.distributed.master_port (tests/test_launch_env.py checks they agree).
 MASTER_PORT=$((15000 + SLURM_JOB_ID % 20000))
 export MASTER_ADDR MASTER_PORT
 # A few OpenMP threads per worker; the data-loader workers (train.workers) use the other CPUs of the task.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,42 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "synthetic_cpu.yaml"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--shuffle", metavar="SEED", default=None,
+                     help="run the test files in a shuffled order, and the tests of each file shuffled too "
+                          "(SEED: a number, or 'random'); proves that no test depends on another having run")
+
+
+SHUFFLE_SEED = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    seed = config.getoption("--shuffle")
+    if seed is not None:
+        config.stash[SHUFFLE_SEED] = random.randrange(2**32) if seed == "random" else int(seed)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if SHUFFLE_SEED not in config.stash:
+        return
+    rng = random.Random(config.stash[SHUFFLE_SEED])
+    # Whole files stay together, so that module-scoped fixtures are built once each.
+    by_file: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        by_file.setdefault(str(item.path), []).append(item)
+    files = list(by_file.values())
+    rng.shuffle(files)
+    for tests in files:
+        rng.shuffle(tests)
+    items[:] = [item for tests in files for item in tests]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if SHUFFLE_SEED in config.stash:
+        seed = config.stash[SHUFFLE_SEED]
+        terminalreporter.write_line(f"test order shuffled with seed {seed} (the same order again: --shuffle {seed})")
 
 
 @pytest.fixture(scope="session")

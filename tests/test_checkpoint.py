@@ -16,6 +16,7 @@ import torch
 
 from dist_kp.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import CheckpointConfig
+from dist_kp.run_folder import RunFolder
 from tests.conftest import TINY_CONFIG, check, child_env, kill_tree, run_module, start_module, tiny_overrides
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
@@ -30,7 +31,7 @@ def train_args(root: Path, out: str, workers: int) -> list[str]:
 def final_state(out: str, env: dict | None = None) -> dict:
     if env:
         os.environ.update(env)
-    store = CheckpointStore(out, CheckpointConfig())
+    store = CheckpointStore(RunFolder(out), CheckpointConfig())
     url, state = store.latest()
     assert url.endswith(f"step_{STEPS:08d}")
     return state
@@ -110,7 +111,7 @@ def test_sigkill_then_same_command_ends_bit_identical(straight_run: Path, synthe
 
 
 def make_store(out: Path, **options) -> CheckpointStore:
-    return CheckpointStore(str(out), CheckpointConfig(**options))
+    return CheckpointStore(RunFolder(str(out)), CheckpointConfig(**options))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight_run: Path, tmp_path: Path,
@@ -199,7 +200,7 @@ def test_resume_none_with_overwrite_deletes_the_earlier_runs_checkpoints(tmp_pat
 
 def test_keep_last_prunes_old_checkpoints_but_not_the_resumed_one(tmp_path: Path) -> None:
     store = make_store(tmp_path, keep_last=2)
-    store.protected.add(1)
+    store.protect(1)
     for step in (1, 2, 3, 4):
         store.write(step, tiny_state(step))
     assert store.steps() == [1, 3, 4]
@@ -312,7 +313,7 @@ def test_s3_server_frozen_or_stopped_fails_in_bounded_time_and_keeps_the_last_ch
         bucket = server.create_bucket("stopped")
         out = f"s3://{bucket}/run"
         env = s3_env(server)
-        args = [*train_args(synthetic_root, out, 0), "checkpoint.timeout_s=2"]
+        args = [*train_args(synthetic_root, out, 0), "storage.timeout_s=2"]
         run = start_module("dist_kp.train", args, env=env)
         lines: list[str] = []
         read_until(run, r"checkpoint step 4 saved", lines)
@@ -333,7 +334,7 @@ def test_s3_server_frozen_or_stopped_fails_in_bounded_time_and_keeps_the_last_ch
         assert "not reachable" in result.stderr and out in result.stderr
         server.start()
         os.environ.update(server.env())
-        store = CheckpointStore(out, CheckpointConfig())
+        store = CheckpointStore(RunFolder(out), CheckpointConfig())
         url, state = store.latest()
         assert url.endswith(f"step_{saved[-1]:08d}") and state["progress"]["step"] == saved[-1]
         store.abort_unfinished_uploads()

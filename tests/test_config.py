@@ -74,7 +74,8 @@ def test_reference_recipe_is_valid_and_matches_the_published_schedule() -> None:
 
 def test_help_lists_the_config_sections() -> None:
     result = check(run_module("dist_kp.train", ["--help"]))
-    for section in ("data:", "model:", "optim:", "schedule:", "train:", "eval:", "checkpoint:", "tracking:"):
+    for section in ("storage:", "data:", "model:", "optim:", "schedule:", "train:", "eval:", "checkpoint:",
+                    "tracking:"):
         assert section in result.stdout
     assert "torchrun" in result.stdout
 
@@ -87,10 +88,61 @@ def test_bad_config_exits_with_a_message_not_a_traceback(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("override", [
-    "checkpoint.storage_options.secret=abc",
-    "checkpoint.storage_options.client_kwargs.aws_secret_access_key=abc",
+    "storage.options.secret=abc",
+    "storage.options.client_kwargs.aws_secret_access_key=abc",
 ])
 def test_credentials_in_storage_options_are_refused_at_any_depth(override: str) -> None:
-    with pytest.raises(ConfigError, match=r"storage_options\..*credentials do not belong") as error:
+    with pytest.raises(ConfigError, match=r"storage\.options\..*credentials do not belong") as error:
         load_config(TINY_CONFIG, [override])
     assert "abc" not in str(error.value)
+
+
+@pytest.mark.parametrize("override, old, new", [
+    ("checkpoint.storage_options.region=eu-1", "checkpoint.storage_options", "storage.options"),
+    ("checkpoint={timeout_s: 5}", "checkpoint.timeout_s", "storage.timeout_s"),
+])
+def test_storage_keys_of_the_checkpoint_section_are_refused_naming_the_new_key(override: str, old: str,
+                                                                              new: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(TINY_CONFIG, [override])
+    assert f"  {old}: moved to {new}" in str(error.value)
+
+
+def test_storage_section_applies_options_and_timeout() -> None:
+    cfg = load_config(TINY_CONFIG, ["storage.options.endpoint_url=http://127.0.0.1:9000", "storage.timeout_s=5"])
+    assert cfg.storage.options == {"endpoint_url": "http://127.0.0.1:9000"} and cfg.storage.timeout_s == 5
+
+
+@pytest.mark.parametrize("override", [
+    "checkpoint.storage_options={client_kwargs: {aws_secret_access_key: Planted5ecret}}",
+    "storage.options={client_kwargs: {aws_secret_access_key: Planted5ecret}}",
+    "storage={options: {client_kwargs: {aws_secret_access_key: Planted5ecret}}}",
+])
+def test_credential_inside_a_section_valued_override_is_refused_without_echoing_it(override: str) -> None:
+    with pytest.raises(ConfigError, match="aws_secret_access_key: credentials do not belong") as error:
+        load_config(TINY_CONFIG, [override])
+    assert "Planted5ecret" not in str(error.value)
+
+
+def test_section_valued_override_is_merged_over_earlier_overrides() -> None:
+    cfg = load_config(TINY_CONFIG, ["train.max_steps=2", "train={batch_size: 1}"])
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (2, 1)
+    assert cfg.train.epochs == 10  # the file's keys of the section stay too
+    cfg = load_config(TINY_CONFIG, ["train={batch_size: 1}", "train.max_steps=2"])
+    assert (cfg.train.max_steps, cfg.train.batch_size) == (2, 1)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.min_size=[0]"], "model.min_size"),
+    (["model.min_size=[128, -4]"], "model.min_size"),
+    (["model.min_size=[256]", "model.max_size=192"], "model.max_size"),
+])
+def test_resize_sizes_that_cannot_work_are_refused_naming_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(TINY_CONFIG, overrides)
+    assert f"  {key}" in str(error.value)
+
+
+def test_override_with_invalid_yaml_is_refused_naming_it() -> None:
+    with pytest.raises(ConfigError, match=r"train.max_steps=\[2.*not valid YAML"):
+        load_config(TINY_CONFIG, ["train.max_steps=[2"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 import torchvision
 
 from dist_kp.config import ModelConfig, ScheduleConfig, load_config
-from dist_kp.engine import lr_factor
+from dist_kp.schedule import lr_factor
 from dist_kp.model import WeightsError, build_model, load_weights
 from tests.conftest import TINY_CONFIG
 
@@ -49,22 +50,117 @@ def test_frozen_backbone_layers_do_not_train() -> None:
     assert trainable == {"layer3", "layer4"}
 
 
-def test_weights_from_a_file_load_and_a_mismatch_names_the_keys(tmp_path: Path) -> None:
-    cfg = load_config(TINY_CONFIG).model
+def test_strict_weights_load_exactly_and_a_mismatch_names_the_keys(tmp_path: Path) -> None:
+    cfg = load_config(TINY_CONFIG, ["model.weights_strict=true"]).model
     source = build_model(cfg, num_keypoints=17)
     path = tmp_path / "w.pt"
     torch.save({"model": source.state_dict()}, path)
     loaded = build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=17)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
-    other = build_model(cfg, num_keypoints=5)
-    with pytest.raises(WeightsError) as error:
-        load_weights(other, str(path))
-    assert "w.pt" in str(error.value)
+    with pytest.raises(WeightsError, match="w.pt"):
+        build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=5)
     partial = {k: v for k, v in source.state_dict().items() if not k.startswith("roi_heads.keypoint_predictor")}
     partial["extra.weight"] = torch.zeros(1)
     torch.save(partial, path)
     with pytest.raises(WeightsError, match=r"missing keys \['roi_heads.keypoint_predictor.*unexpected keys \['extra.weight'\]"):
-        load_weights(source, str(path))
+        load_weights(source, str(path), strict=True)
+
+
+KEYPOINT_PREDICTOR = {"roi_heads.keypoint_predictor.kps_score_lowres.weight",
+                      "roi_heads.keypoint_predictor.kps_score_lowres.bias"}
+
+
+def test_weights_of_another_skeleton_load_every_matching_tensor_and_reinitialise_the_keypoint_predictor(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(TINY_CONFIG).model
+    source = build_model(cfg, num_keypoints=17).state_dict()
+    path = tmp_path / "w.pt"
+    torch.save({"model": source}, path)
+    torch.manual_seed(1)
+    fresh = build_model(cfg, num_keypoints=5).state_dict()
+    torch.manual_seed(1)  # the same initialisation, then the weights
+    with caplog.at_level(logging.INFO, logger="dist_kp.model"):
+        model = build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=5)
+    state = model.state_dict()
+    for name, tensor in state.items():
+        expected = fresh[name] if name in KEYPOINT_PREDICTOR else source[name]
+        assert torch.equal(tensor, expected), name
+    table = caplog.text
+    assert f"{len(state) - 2} tensors loaded, 2 re-initialised, 0 unused" in table
+    assert "re-initialised  roi_heads.keypoint_predictor.kps_score_lowres.weight  model (64, 5, 4, 4), " \
+           "file (64, 17, 4, 4)" in table
+    assert "loaded          backbone.body  (" in table
+
+
+def test_a_box_predictor_for_another_class_count_is_reinitialised_and_extra_tensors_are_listed_unused(
+        tmp_path: Path) -> None:
+    cfg = load_config(TINY_CONFIG).model
+    source = build_model(cfg, num_keypoints=17).state_dict()
+    source["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(91, cfg.box_head_dim)
+    source["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(91)
+    source["roi_heads.mask_head.weight"] = torch.zeros(3)
+    path = tmp_path / "w.pt"
+    torch.save(source, path)
+    report = load_weights(build_model(cfg, num_keypoints=17), str(path))
+    assert report.reinitialised == {"roi_heads.box_predictor.cls_score.weight": ((2, 128), (91, 128)),
+                                    "roi_heads.box_predictor.cls_score.bias": ((2,), (91,))}
+    assert report.unused == {"roi_heads.mask_head.weight": (3,)}
+    assert "roi_heads.box_predictor.bbox_pred.weight" in report.loaded
+
+
+def test_weights_of_another_architecture_are_refused_with_the_counts(tmp_path: Path) -> None:
+    cfg = load_config(TINY_CONFIG).model
+    path = tmp_path / "mobilenet.pt"
+    torch.save({"model": build_model(cfg.model_copy(update={"backbone": "mobilenet_v3_large"}), 17).state_dict()},
+               path)
+    with pytest.raises(WeightsError, match=r"mobilenet.pt are not weights of this model: only \d+ of \d+ tensors"):
+        build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=17)
+
+
+@pytest.fixture
+def offline_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty TORCH_HOME, and torch.hub's downloaders replaced by failures: no test reaches the network."""
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a download was attempted: {args}")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)  # WeightsEnum's own
+    return tmp_path / "torch_home"
+
+
+def test_torchvision_weights_by_name_load_from_the_torch_home_cache_without_network(
+        offline_torch_home: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cached = offline_torch_home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    imagenet = torchvision.models.resnet18(weights=None).state_dict()  # torchvision's format: a bare state dict
+    torch.save(imagenet, cached)
+    cfg = load_config(TINY_CONFIG, ["model.backbone_weights=ResNet18_Weights.IMAGENET1K_V1"]).model
+    with caplog.at_level(logging.WARNING, logger="dist_kp.model"):
+        model = build_model(cfg, num_keypoints=17)
+    body = model.backbone.body.state_dict()
+    assert body and all(torch.equal(tensor, imagenet[name]) for name, tensor in body.items())
+    assert "does not start with f37072fd" in caplog.text  # the test's file is not torchvision's
+
+
+def test_a_missing_torchvision_weights_file_says_where_to_put_it_and_how_to_fetch_it(
+        offline_torch_home: Path) -> None:
+    cfg = load_config(TINY_CONFIG, ["model.weights=KeypointRCNN_ResNet50_FPN_Weights.DEFAULT"]).model
+    with pytest.raises(WeightsError) as error:
+        build_model(cfg, num_keypoints=17)
+    message = str(error.value)
+    expected = offline_torch_home / "hub" / "checkpoints" / "keypointrcnn_resnet50_fpn_coco-fc266e95.pth"
+    assert f"at {expected}" in message
+    assert "sha256 starting fc266e95" in message
+    assert "curl -L -o keypointrcnn_resnet50_fpn_coco-fc266e95.pth " \
+           "https://download.pytorch.org/models/keypointrcnn_resnet50_fpn_coco-fc266e95.pth" in message
+    assert "model.weights" in message
+
+
+def test_an_unknown_torchvision_weights_name_is_named(offline_torch_home: Path) -> None:
+    with pytest.raises(WeightsError, match="unknown torchvision weights name 'ResNet18_Weights.NOPE'"):
+        load_weights(torch.nn.Linear(1, 1), "ResNet18_Weights.NOPE")
 
 
 def test_missing_weights_file_is_named(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dist_kp.run_folder import names_a_run_file
 from tests.conftest import REPO, child_env
 
 # Commands that need a GPU cluster, a remote bucket, your own files, or are the test suite itself.
@@ -27,6 +28,12 @@ def readme_commands() -> list[str]:
             if line and not line.startswith("#"):
                 commands.append(line)
     return commands
+
+
+def assert_every_file_is_named_by_the_run_folder(output_dir: Path) -> None:
+    files = sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file())
+    assert {"config.yaml", "metrics.jsonl", "model_final.pt", "report/losses.png"} <= set(files), files
+    assert [f for f in files if not names_a_run_file(f)] == []
 
 
 def test_readme_cpu_commands_run(tmp_path: Path) -> None:
@@ -49,5 +56,7 @@ def test_readme_cpu_commands_run(tmp_path: Path) -> None:
             argv = [re.sub(r"runs/demo/eval/\d+", str(eval_dirs[-1].relative_to(tmp_path)), a) for a in argv]
         result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        if command.startswith("bash launch/demo.sh"):
+            assert_every_file_is_named_by_the_run_folder(tmp_path / "runs/demo")
         ran.append(argv[1] if argv[0] == "bash" else argv[2])
     assert {"dist_kp.train", "dist_kp.evaluate", "dist_kp.predict", "launch.submit"} <= set(ran), ran

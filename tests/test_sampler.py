@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dist_kp.data.sampler import GroupedDistributedBatchSampler, aspect_ratio_groups, eval_shard
+from dist_kp.data.sampler import BatchSizeError, GroupedDistributedBatchSampler, aspect_ratio_groups, eval_shard
+from tests.conftest import TINY_CONFIG, run_module, tiny_overrides
 
 RATIOS = np.random.default_rng(0).choice([0.75, 1.0, 4 / 3, 0.6, 1.8], size=103).tolist()
 
@@ -21,7 +24,7 @@ def indices(batches) -> list[list[int]]:
     return [[key.index for key in batch] for batch in batches]
 
 
-@pytest.mark.parametrize("world_size, epoch", itertools.product([1, 2, 3, 4], [0, 1, 2]))
+@pytest.mark.parametrize("world_size, epoch", list(itertools.product([1, 2, 3, 4], [0, 1, 2])))
 def test_shards_are_disjoint_and_cover_the_dataset(world_size: int, epoch: int) -> None:
     shards = [set(s.shard(epoch).tolist()) for s in samplers(world_size)]
     assert sum(len(s) for s in shards) == len(RATIOS)
@@ -33,7 +36,7 @@ def test_shards_are_disjoint_and_cover_the_dataset(world_size: int, epoch: int) 
     assert served == set(range(len(RATIOS)))
 
 
-@pytest.mark.parametrize("world_size, epoch", itertools.product([1, 2, 3, 4], [0, 1, 2]))
+@pytest.mark.parametrize("world_size, epoch", list(itertools.product([1, 2, 3, 4], [0, 1, 2])))
 def test_every_rank_yields_len_batches_and_the_same_count(world_size: int, epoch: int) -> None:
     counts = []
     for s in samplers(world_size):
@@ -89,6 +92,30 @@ def test_start_batch_past_the_epoch_is_refused() -> None:
     s = samplers(2)[0]
     with pytest.raises(ValueError, match="start batch"):
         s.set_epoch(0, start_batch=s.batches_per_epoch + 1)
+
+
+def test_batch_size_larger_than_a_ranks_share_is_refused_with_the_numbers() -> None:
+    with pytest.raises(BatchSizeError, match=r"train\.batch_size=53 is larger than one process's share of the "
+                                             r"training set \(103 images over 2 processes: 52 each\); use 1 to 52"):
+        GroupedDistributedBatchSampler(RATIOS, 53, num_replicas=2, rank=1)
+    with pytest.raises(BatchSizeError, match=r"train\.batch_size=1000000 .*\(103 images over 1 process: 103 each\)"):
+        GroupedDistributedBatchSampler(RATIOS, 1_000_000)
+    assert issubclass(BatchSizeError, ValueError)
+    largest = GroupedDistributedBatchSampler(RATIOS, 52, num_replicas=2, rank=1)
+    assert [len(batch) for batch in largest] == [52]
+
+
+def test_training_with_a_batch_larger_than_the_training_set_stops_at_once_naming_the_key(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, tmp_path / "run", "train.batch_size=100",
+                                                          "train.workers=0", "eval.at_end=false", "eval.every_epochs=0")]
+    try:
+        result = run_module("dist_kp.train", args, timeout=120)
+    except subprocess.TimeoutExpired as expired:  # without the check: batches of the 48 images padded with repeats
+        pytest.fail(f"dist_kp.train with train.batch_size=100 still running after {expired.timeout} s")
+    assert result.returncode != 0
+    assert "train.batch_size=100 is larger than one process's share of the training set" in result.stderr, \
+        result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 8])

@@ -19,7 +19,8 @@ from PIL import Image
 
 from dist_kp.config import ConfigError, load_config
 from dist_kp.report import load_history, plot_ap, plot_losses
-from dist_kp.tracking import redact
+from dist_kp.run_folder import RunFolder
+from dist_kp.secrets import redact
 from tests.conftest import (
     TINY_CONFIG,
     check,
@@ -55,7 +56,7 @@ def train_args(root: Path, out: Path, *extra: str) -> list[str]:
         "train.workers=0", "checkpoint.every_steps=4", "eval.every_epochs=1", "eval.max_images=8",
         f"eval.num_visualize={NUM_PICTURES}",
         # Not used by a local output_dir, but it is in the config W&B receives: its password must not be.
-        f"checkpoint.storage_options.endpoint_url=http://ci:{URL_PASSWORD}@127.0.0.1:9", *extra)]
+        f"storage.options.endpoint_url=http://ci:{URL_PASSWORD}@127.0.0.1:9", *extra)]
 
 
 # --- wandb's transaction log -------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def eval_steps(out: Path) -> list[int]:
 
 def newest_checkpoint_run_id(out: Path) -> str:
     newest = sorted((out / "checkpoints").iterdir())[-1]
-    return torch.load(newest / "state.pt", weights_only=True)["tracking_run_id"]
+    return torch.load(newest / "state.pt", weights_only=True)["tracking"]["run_id"]
 
 
 # --- runs shared by the tests ----------------------------------------------------------------------
@@ -216,7 +217,7 @@ def test_run_config_reaches_wandb_without_any_secret(straight_run, resumed_run) 
     for out, wandb_dir, _ in (straight_run, resumed_run):
         for run in offline_runs(wandb_dir):
             assert run.config["train"]["max_steps"] in (10, 14)
-            assert run.config["checkpoint"]["storage_options"]["endpoint_url"] == "http://<redacted>@127.0.0.1:9"
+            assert run.config["storage"]["options"]["endpoint_url"] == "http://<redacted>@127.0.0.1:9"
         for path in [*wandb_dir.rglob("*"), *out.rglob("*")]:
             if path.is_file() and path.suffix not in (".pt",):
                 data = path.read_bytes()
@@ -248,7 +249,7 @@ def test_wandb_mode_in_the_environment_overrides_the_config(tmp_path: Path, monk
             monkeypatch.setenv(key, value)
     (tmp_path / "run").mkdir()
     cfg = load_config(TINY_CONFIG, [f"output_dir={tmp_path / 'run'}", "tracking.mode=online"])
-    tracker = Tracker(cfg, MetricsFile(str(tmp_path / "run" / "metrics.jsonl")), run_id="envmode1")
+    tracker = Tracker(cfg, MetricsFile(RunFolder(str(tmp_path / "run"))), run_id="envmode1")
     assert tracker.run is not None and tracker.run.settings.mode == "offline"
     tracker.record({"step": 1, "train/loss": 2.5})
     tracker.finish()
@@ -330,7 +331,7 @@ def test_a_wandb_failure_mid_run_turns_tracking_off_once_and_records_go_on(tmp_p
             monkeypatch.setenv(key, value)
     (tmp_path / "run").mkdir()
     cfg = load_config(TINY_CONFIG, [f"output_dir={tmp_path / 'run'}", "tracking.mode=offline"])
-    metrics = MetricsFile(str(tmp_path / "run" / "metrics.jsonl"))
+    metrics = MetricsFile(RunFolder(str(tmp_path / "run")))
     tracker = Tracker(cfg, metrics, run_id="midrun1")
     tracker.record({"step": 1, "train/loss": 2.5})
     tracker.run.finish()  # the W&B run goes away under the tracker: its next log call raises

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
@@ -51,11 +50,11 @@ def test_a_diverging_loss_stops_every_rank_with_the_step_and_terms(tmp_path: Pat
     out = tmp_path / "diverge"
     args = ["--config", str(TINY_CONFIG),
             *tiny_overrides(synthetic_root, out, "optim.lr=1.0e6", "optim.clip_grad_norm=null",
-                            "schedule.warmup_iters=0", "train.max_steps=30", "train.workers=0", *NO_EVAL)]
-    started = time.monotonic()
+                            "schedule.warmup_iters=0", "train.max_steps=30", "train.workers=0",
+                            "train.dist_timeout_s=900", *NO_EVAL)]
+    # A rank left waiting would wait for the 900 s collective timeout: the 300 s run timeout fails the test.
     result = run_module("dist_kp.train", args, nproc=2, timeout=300)
     assert result.returncode != 0
-    assert time.monotonic() - started < 200
     assert re.search(r"non-finite loss at step \d+ .*loss_keypoint", result.stderr)
     assert "[rank0] ERROR" in result.stderr and "[rank1] ERROR" in result.stderr
 

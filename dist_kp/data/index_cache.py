@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,24 @@ FORMAT_VERSION = 1
 BLOCK_BYTES = 16 << 20  # streaming reads: large enough for object storage, small next to the JSON
 ARRAYS = ("image_ids", "widths", "heights", "ann_offsets", "boxes", "keypoints", "iscrowd", "areas", "ann_ids",
           "file_name_bytes", "file_name_offsets", "aspect_ratios")
+
+
+@dataclass
+class CachedKeypointIndex(KeypointIndex):
+    """A KeypointIndex memory-mapped from a cache entry (read-only arrays shared by the node's processes)."""
+
+    cache_path: str = ""  # the cache entry the arrays are mapped from
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Workers started by spawn/forkserver map the same files instead of receiving copies.
+        return _reopen, (self.cache_path, self.source, tuple(self.trainable))
+
+
+def _reopen(path: str, source: str, trainable: tuple[int, ...]) -> CachedKeypointIndex:
+    index = open_entry(path, source, trainable)
+    if index is None:
+        raise DataError(f"index cache entry {path} of {source} is gone or damaged")
+    return index
 
 
 def default_cache_dir() -> Path:
@@ -135,7 +154,7 @@ def _load_array(path: Path, dtype: str, shape: list[int], size: int) -> np.ndarr
     return array
 
 
-def open_entry(path: str | Path, source: str, trainable: tuple[int, ...] = ()) -> KeypointIndex | None:
+def open_entry(path: str | Path, source: str, trainable: tuple[int, ...] = ()) -> CachedKeypointIndex | None:
     """The index of a cache entry, memory-mapped; None if the entry is missing, incomplete or damaged."""
     entry = Path(path)
     try:
@@ -156,7 +175,7 @@ def open_entry(path: str | Path, source: str, trainable: tuple[int, ...] = ()) -
             return None
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
-    return KeypointIndex(
+    return CachedKeypointIndex(
         source=source,
         meta=KeypointMeta(**manifest["meta"]),
         image_ids=arrays["image_ids"],
@@ -222,7 +241,7 @@ class IndexCache:
             return None
         return record.get("sha256") if record.get("url") == url and record.get("fingerprint") == fingerprint else None
 
-    def _open(self, digest: str, url: str, min_visible_keypoints: int | None) -> KeypointIndex | None:
+    def _open(self, digest: str, url: str, min_visible_keypoints: int | None) -> CachedKeypointIndex | None:
         trainable = () if min_visible_keypoints is None else (min_visible_keypoints,)
         return open_entry(self._entry(digest), url, trainable)
 
@@ -247,7 +266,7 @@ class IndexCache:
         finally:
             lock.release()
 
-    def load(self, url: str, min_visible_keypoints: int | None = None) -> KeypointIndex:
+    def load(self, url: str, min_visible_keypoints: int | None = None) -> CachedKeypointIndex:
         """The index of the JSON at `url` (local path or fsspec URL), from the cache or built into it.
 
         With min_visible_keypoints, the index also holds the training positions for that filter
@@ -312,7 +331,8 @@ class IndexCache:
                  len(index.boxes), time.perf_counter() - start)
 
 
-def cached_index(url: str, cache_dir: str | Path | None = None, min_visible_keypoints: int | None = None) -> KeypointIndex:
+def cached_index(url: str, cache_dir: str | Path | None = None,
+                 min_visible_keypoints: int | None = None) -> CachedKeypointIndex:
     """The KeypointIndex of an annotation JSON via the node's cache (see IndexCache.load)."""
     return IndexCache(cache_dir).load(url, min_visible_keypoints)
 

@@ -34,8 +34,8 @@ def _loader_options(cfg: Config, device: torch.device) -> dict:
         options.update(
             persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor,
             # Workers started by spawn/forkserver do not inherit the storage options set in this process.
-            worker_init_fn=functools.partial(_configure_worker_storage, dict(cfg.checkpoint.storage_options),
-                                             cfg.checkpoint.timeout_s),
+            worker_init_fn=functools.partial(_configure_worker_storage, dict(cfg.storage.options),
+                                             cfg.storage.timeout_s),
         )
     return options
 

@@ -22,6 +22,10 @@ def aspect_ratio_groups(aspect_ratios: Sequence[float], group_factor: int) -> np
     return np.searchsorted(edges, ratios, side="right").astype(np.int64)
 
 
+class BatchSizeError(ValueError):
+    """train.batch_size does not fit the training set (the message gives the numbers)."""
+
+
 class GroupedDistributedBatchSampler(torch.utils.data.Sampler[list[SampleKey]]):
     """Each rank takes its shard of a seeded permutation (perm[rank::world_size]) and batches it
     so that a batch holds images of one aspect-ratio group.
@@ -30,7 +34,8 @@ class GroupedDistributedBatchSampler(torch.utils.data.Sampler[list[SampleKey]]):
     group batches come first, in the order they fill up; the groups' leftovers then fill the
     last batches, ordered by group (so at most one batch per group boundary mixes groups),
     topped up with the rank's first samples. `len()` is exactly what iteration yields from
-    the start batch set by `set_epoch`.
+    the start batch set by `set_epoch`. A batch may not be larger than a rank's share
+    (ceil(N / world_size)): it would be made of repeats of that share.
     """
 
     def __init__(
@@ -41,6 +46,13 @@ class GroupedDistributedBatchSampler(torch.utils.data.Sampler[list[SampleKey]]):
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         if len(aspect_ratios) < num_replicas:
             raise ValueError(f"{len(aspect_ratios)} samples cannot be sharded over {num_replicas} ranks")
+        share = math.ceil(len(aspect_ratios) / num_replicas)
+        if batch_size < 1:
+            raise BatchSizeError(f"train.batch_size={batch_size}: must be at least 1")
+        if batch_size > share:
+            processes = f"{num_replicas} process{'es' if num_replicas > 1 else ''}"
+            raise BatchSizeError(f"train.batch_size={batch_size} is larger than one process's share of the training "
+                                 f"set ({len(aspect_ratios)} images over {processes}: {share} each); use 1 to {share}")
         self.groups = aspect_ratio_groups(aspect_ratios, group_factor)
         self.batch_size = batch_size
         self.num_replicas = num_replicas

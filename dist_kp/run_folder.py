@@ -1,0 +1,191 @@
+"""Every path under OUTPUT_DIR, in one place: writers and readers find files through `RunFolder`.
+
+    OUTPUT_DIR/
+      config.yaml                  the resolved config (train, at every start)
+      metrics.jsonl                one record per logged step (tracking, rank 0)
+      tracking.json                the W&B run id of this output_dir (tracking)
+      checkpoints/step_<step>/     state.pt, manifest.json (the manifest last: CheckpointStore)
+      eval/<step>/                 results.json, metrics.json, predictions.png (evaluation, tracking)
+      model_final.pt               weights and what inference needs (train, at the end)
+      report/                      PNG plots: losses, lr, throughput, ap, predictions (report)
+
+Every write goes through the storage's whole-or-nothing writer, except metrics.jsonl on a local
+disk, which is appended line by line (a cut last line is dropped when it is read).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dist_kp.storage import TEMP_MARK, Storage, is_local_url, local_path
+
+if TYPE_CHECKING:
+    from dist_kp.config import Config
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+TRACKING = "tracking.json"
+MODEL_FINAL = "model_final.pt"
+CHECKPOINTS = "checkpoints"
+EVAL = "eval"
+REPORT = "report"
+
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_MANIFEST = "manifest.json"
+EVAL_RESULTS = "results.json"
+EVAL_METRICS = "metrics.json"
+EVAL_PICTURES = "predictions.png"
+
+log = logging.getLogger(__name__)
+
+_TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARK)}(\d+)")
+_CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
+_EVAL_NAME = re.compile(r"\d{8,}")
+# Every relative path the run folder may hold; the regular expressions are anchored.
+_KNOWN = [
+    re.escape(CONFIG), re.escape(METRICS), re.escape(TRACKING), re.escape(MODEL_FINAL),
+    rf"{CHECKPOINTS}/{_CHECKPOINT_NAME.pattern}/({re.escape(CHECKPOINT_STATE)}|{re.escape(CHECKPOINT_MANIFEST)})",
+    rf"{EVAL}/{_EVAL_NAME.pattern}/({'|'.join(map(re.escape, (EVAL_RESULTS, EVAL_METRICS, EVAL_PICTURES)))})",
+    rf"{REPORT}/[a-z_]+\.png",  # the plots of dist_kp.report, and the newest predictions.png
+]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder name (`step_00001200` -> 1200), None for anything else."""
+    match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def eval_step(name: str) -> int | None:
+    """The step of an evaluation folder name (`00001200` -> 1200), None for anything else."""
+    return int(name) if _EVAL_NAME.fullmatch(name) else None
+
+
+def names_a_run_file(relative: str) -> bool:
+    """True when `relative` (a path under OUTPUT_DIR, '/'-separated) is a file this module names.
+
+    A temporary file of an unfinished local write (`*.tmp-PID`) is not.
+    """
+    return TEMP_MARK not in relative and any(re.fullmatch(pattern, relative) for pattern in _KNOWN)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _base(name: str) -> str:
+    return name.rstrip("/").rsplit("/", 1)[-1]
+
+
+class RunFolder:
+    """OUTPUT_DIR of one run (a local path or fsspec URL) and the storage that reaches it."""
+
+    def __init__(self, output_dir: str, storage: Storage | None = None) -> None:
+        self.url = output_dir.rstrip("/") or "/"
+        self.storage = storage or Storage()
+
+    @classmethod
+    def for_config(cls, cfg: Config) -> RunFolder:
+        """The run folder of a config: its output_dir, reached with its storage section."""
+        return cls(cfg.output_dir, Storage.from_config(cfg.storage))
+
+    def __repr__(self) -> str:
+        return f"RunFolder({self.url!r})"
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    @property
+    def config(self) -> str:
+        return self.join(CONFIG)
+
+    @property
+    def metrics(self) -> str:
+        return self.join(METRICS)
+
+    @property
+    def tracking(self) -> str:
+        return self.join(TRACKING)
+
+    @property
+    def model_final(self) -> str:
+        return self.join(MODEL_FINAL)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.join(CHECKPOINTS)
+
+    def checkpoint(self, step: int) -> str:
+        return self.join(CHECKPOINTS, checkpoint_name(step))
+
+    def eval_folder(self, step: int) -> str:
+        return self.join(EVAL, f"{step:08d}")
+
+    def eval_file(self, step: int, name: str) -> str:
+        return f"{self.eval_folder(step)}/{name}"
+
+    def report_folder(self) -> str:
+        return self.join(REPORT)
+
+    def write(self, url: str, data: bytes | memoryview) -> None:
+        """Store a file of this run whole or not at all (errors name the URL)."""
+        self.storage.write(url, data)
+
+    def exists(self, url: str) -> bool:
+        with self.storage.named_errors(url):
+            fs, path = self.storage.url_to_fs(url)
+            return fs.exists(path)
+
+    def read_bytes(self, url: str) -> bytes:
+        with self.storage.named_errors(url):
+            fs, path = self.storage.url_to_fs(url)
+            return fs.cat_file(path)
+
+    def _listed_steps(self, folder: str, parse) -> list[int]:
+        with self.storage.named_errors(folder):
+            fs, path = self.storage.url_to_fs(folder)
+            if not fs.exists(path):
+                return []
+            names = [_base(p) for p in fs.ls(path, detail=False)]
+        return sorted(step for step in map(parse, names) if step is not None)
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps that have a checkpoint folder (complete or not), oldest first."""
+        return self._listed_steps(self.checkpoints, checkpoint_step)
+
+    def eval_steps(self) -> list[int]:
+        """Steps that have an evaluation folder, oldest first."""
+        return self._listed_steps(self.join(EVAL), eval_step)
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Delete the temporary files of local writes whose process is gone (killed mid-write); rank 0, at start.
+
+        Object stores have none: an unfinished upload is not an object (CheckpointStore aborts those).
+        """
+        if not is_local_url(self.url):
+            return []
+        root = Path(local_path(self.url))
+        removed = []
+        for path in root.rglob(f"*{TEMP_MARK}*") if root.is_dir() else []:
+            match = _TEMP_NAME.fullmatch(path.name)
+            if match and path.is_file() and not _process_alive(int(match.group(1))):
+                path.unlink()
+                removed.append(str(path))
+        if removed:
+            log.info("removed %d temporary files left by a killed write under %s: %s", len(removed), self.url,
+                     ", ".join(removed))
+        return removed

@@ -1,0 +1,205 @@
+"""What a checkpoint holds, in one registry: save is one call, resume is one call.
+
+    state = RunState(cfg)
+    state.register("model", model)            # anything with state_dict() / load_state_dict()
+    state.register("optimizer", optimizer)
+    resumed = state.resume(store)             # the one decision: fresh start or which checkpoint
+    snapshot = state.capture()                # collective; rank 0 gets a CPU copy to store
+
+Besides the registered parts a snapshot holds every rank's random states (restored when the
+world size is unchanged), the world size that wrote it, the resolved config and the versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+import torchvision
+
+from dist_kp import distributed
+from dist_kp.config import Config
+
+if TYPE_CHECKING:
+    from dist_kp.checkpoint import CheckpointStore
+
+log = logging.getLogger(__name__)
+
+# Config keys that make a run what it is: a checkpoint written under other values is another run.
+IDENTITY_KEYS = ("model.", "train.seed")
+# Where the model's starting weights came from no longer matters once a checkpoint holds them.
+NOT_IDENTITY = ("model.weights", "model.backbone_weights")
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that this run cannot continue from; the message names it and the reason."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states, as tensors and plain Python values (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, python_state, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
+                  "has_gauss": has_gauss, "gauss": gauss},
+        "python": {"version": version, "state": list(python_state), "gauss": python_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def cpu_copy(obj: Any) -> Any:
+    """A deep copy with every tensor on the CPU: training may go on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict[str, str]:
+    try:
+        own = metadata.version("dist_kp")
+    except metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__), "dist_kp": own,
+            "git_commit": _git_commit()}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose value differs between two config dumps: {key: (saved, current)}."""
+    old, new = _flatten(saved), _flatten(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def identity_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:
+    """The changed keys that make it another run (model architecture, seed)."""
+    return [k for k in changes if k.startswith(IDENTITY_KEYS) and not k.startswith(NOT_IDENTITY)]
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """The checkpoint a run continues from, and where it stood."""
+
+    url: str
+    step: int
+    epoch: int
+    batch: int
+    world_size: int
+
+
+class RunState:
+    """The registry of what a checkpoint holds, and the resume decision of this start."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.parts: dict[str, Stateful] = {}
+        self.versions = versions()
+        self.resumed: Resumed | None = None
+
+    @property
+    def starts_over(self) -> bool:
+        """checkpoint.resume=none: this start begins a new run in output_dir (nothing earlier continues)."""
+        return self.config.checkpoint.resume == "none"
+
+    def register(self, name: str, part: Stateful) -> None:
+        if name in self.parts or name in ("rng", "world_size", "config", "versions", "epoch_end"):
+            raise ValueError(f"run state part {name!r} is registered twice")
+        self.parts[name] = part
+
+    def capture(self, epoch_end: bool = False) -> dict[str, Any] | None:
+        """A CPU snapshot on rank 0, None elsewhere (collective: every rank hands over its RNG states)."""
+        rng = distributed.gather_objects(rng_state())
+        if not distributed.is_main_process():
+            return None  # DDP replicas are identical: only rank 0 pays for the copy
+        return cpu_copy({
+            **{name: part.state_dict() for name, part in self.parts.items()},
+            "epoch_end": epoch_end,
+            "rng": rng,
+            "world_size": distributed.get_world_size(),
+            "config": self.config.model_dump(mode="json"),
+            "versions": self.versions,
+        })
+
+    def check_compatible(self, state: dict[str, Any], source: str) -> None:
+        """Log every config key changed since the checkpoint; refuse the ones that make it another run."""
+        changes = config_changes(state.get("config", {}), self.config.model_dump(mode="json"))
+        refused = identity_changes(changes)
+        if refused:
+            listed = ", ".join(f"{k} ({changes[k][0]!r} in the checkpoint, {changes[k][1]!r} now)" for k in refused)
+            raise ResumeError(
+                f"{source} was written by a run with another {listed}; resume it with the config it was written "
+                "with, or start a new run (another output_dir, or checkpoint.resume=none with checkpoint.overwrite=true)"
+            )
+        missing = [name for name in self.parts if name not in state]
+        if missing:
+            raise ResumeError(f"{source} holds no {', '.join(missing)}: it was not written by this version of dist_kp")
+        for key, (old, new) in changes.items():
+            log.info("config changed since %s: %s %r -> %r", source, key, old, new)
+
+    def restore(self, state: dict[str, Any], source: str) -> None:
+        """Load a snapshot into the live objects; each rank takes its own RNG states."""
+        self.check_compatible(state, source)
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+        rank, saved_world = distributed.get_rank(), state["world_size"]
+        if saved_world == distributed.get_world_size():
+            set_rng_state(state["rng"][rank])
+        else:
+            log.warning("%s was saved by %d processes, now %d: random states restart from the seed (the data "
+                        "order per rank changes too)", source, saved_world, distributed.get_world_size())
+
+    def resume(self, store: CheckpointStore) -> Resumed | None:
+        """Every rank loads the checkpoint rank 0 chose (checkpoint.resume); None: a fresh start."""
+        found = store.resolve(self.config.checkpoint.resume) if distributed.is_main_process() else None
+        chosen = distributed.broadcast_object(found[0] if found else None)
+        if chosen is None:
+            return None
+        state = found[1] if found else store.read(chosen)
+        self.restore(state, chosen)
+        progress = state["progress"]
+        self.resumed = Resumed(chosen, progress["step"], progress["epoch"], progress["batch"], state["world_size"])
+        return self.resumed

@@ -1,0 +1,280 @@
+"""The training loop and every progress counter; periodic actions are hooks.
+
+    trainer = Trainer(cfg, model, optimizer, scheduler, scaler, loader, sampler, device)
+    trainer.register(hook)            # checkpoint, evaluation, tracking, preemption, your own
+    trainer.train()
+
+One function per loop, as in torchvision's reference engine: `train` walks the epochs,
+`train_one_epoch` the steps of one epoch. Hooks see the trainer after every step, at every
+epoch end and once at the end (see dist_kp.hooks); a hook ends training with `request_stop`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from dist_kp import distributed
+from dist_kp.config import Config
+from dist_kp.data.sampler import GroupedDistributedBatchSampler
+
+if TYPE_CHECKING:
+    from dist_kp.hooks import Hook
+    from dist_kp.run_state import Resumed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: `batch` batches of `epoch` are done, `step` optimizer steps in all."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.to_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite on some rank; every rank raises it at the same step."""
+
+
+class SmoothedValue:
+    """A window median/mean and the global average of a series."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.window: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> None:
+        self.window.append(value)
+        self.total += value
+        self.count += 1
+
+    @property
+    def latest(self) -> float:
+        return self.window[-1] if self.window else 0.0
+
+    @property
+    def smoothed(self) -> float:
+        return sum(self.window) / max(len(self.window), 1)
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+
+def to_device(
+    images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """uint8 images go to the device as they are and become float [0, 1] there."""
+    non_blocking = device.type == "cuda"
+    images = [img.to(device, non_blocking=non_blocking).float().div_(255.0) for img in images]
+    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def parameter_fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_identical(model: nn.Module) -> str:
+    """Raise unless every rank holds bit-identical weights (DDP replicas must never diverge)."""
+    fingerprints = distributed.all_gather_objects(parameter_fingerprint(model))
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"model replicas differ across ranks: {fingerprints}")
+    log.info("model replicas identical on %d ranks (sha256 %s)", len(fingerprints), fingerprints[0][:16])
+    return fingerprints[0]
+
+
+class Trainer:
+    """Owns the loop and the progress counters (epoch, batch within the epoch, global step).
+
+    The epoch length comes from the sampler and the stop condition from train.epochs and
+    train.max_steps, each computed here once; hooks read them from the trainer.
+    """
+
+    def __init__(
+        self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, loader: Iterable,
+        sampler: GroupedDistributedBatchSampler, device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.loader = loader
+        self.sampler = sampler
+        self.device = device
+        self.progress = TrainProgress()
+        self.steps_per_epoch = sampler.batches_per_epoch
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.hooks: list[Hook] = []
+        # Why training ends before its last step ("preempted"); None while it goes on.
+        self.stop_reason: str | None = None
+        # This step's training record (losses, lr, throughput) when it is a logged step, else None.
+        self.log_record: dict[str, Any] | None = None
+
+    def continue_from(self, resumed: Resumed) -> None:
+        """Take over a checkpoint's position; one written by another number of processes continues near it.
+
+        The epoch's position is then the same number of samples, rounded down to this world
+        size's batches: exact continuation needs the same world size.
+        """
+        world_size = distributed.get_world_size()
+        if resumed.world_size == world_size:
+            return
+        p = self.progress
+        samples = p.batch * self.cfg.train.batch_size * resumed.world_size
+        p.batch = min(samples // (self.cfg.train.batch_size * world_size), self.steps_per_epoch)
+        if distributed.is_main_process():
+            log.warning("resumed on %d processes, checkpoint written by %d: continuing epoch %d at batch %d of %d "
+                        "(%d samples of the epoch were done; the order of its other samples differs from an "
+                        "uninterrupted run)", world_size, resumed.world_size, p.epoch, p.batch, self.steps_per_epoch,
+                        samples)
+
+    def register(self, hook: Hook) -> None:
+        """Add a hook; hooks are called in the order they were registered."""
+        self.hooks.append(hook)
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (every rank must ask at the same step)."""
+        self.stop_reason = self.stop_reason or reason
+
+    @property
+    def finished(self) -> bool:
+        """True once every epoch is trained or train.max_steps steps are done."""
+        max_steps = self.cfg.train.max_steps
+        return self.progress.epoch >= self.cfg.train.epochs or (max_steps is not None and self.progress.step >= max_steps)
+
+    @property
+    def epoch_complete(self) -> bool:
+        return self.progress.batch == self.steps_per_epoch
+
+    def _call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self)
+
+    def train(self) -> None:
+        """Train from the current progress to the end, or until a hook asks to stop."""
+        self._call("before_train")
+        while not self.finished and self.stop_reason is None:
+            self.train_one_epoch()
+            if self.stop_reason is None and self.epoch_complete:
+                self.progress.epoch += 1
+                self.progress.batch = 0
+                self._call("after_epoch")
+        self._call("after_train")
+
+    def train_one_epoch(self) -> None:
+        """Train the rest of the current epoch, or until max_steps or a stop request.
+
+        On return every rank holds rank 0's buffers (BatchNorm statistics), so that evaluation
+        and checkpoints see one model. Loss terms are all-reduced every step: one small
+        collective that also tells every rank when any rank's loss stopped being finite.
+        """
+        self.model.train()
+        self.sampler.set_epoch(self.progress.epoch, start_batch=self.progress.batch)
+        meters: dict[str, SmoothedValue] = {}
+        data_time, step_time = SmoothedValue(), SmoothedValue()
+        start = end = time.perf_counter()
+        skipped_total = 0
+        for images, targets, skipped in self.loader:
+            data_time.update(time.perf_counter() - end)
+            skipped_total += skipped
+            reduced = self._step(images, targets)
+            for name, value in reduced.items():
+                meters.setdefault(name, SmoothedValue()).update(value)
+            step_time.update(time.perf_counter() - end)
+            logged = self.progress.step % self.cfg.train.log_every == 0 or self.epoch_complete
+            self.log_record = self._log_step(meters, data_time, step_time, skipped_total) if logged else None
+            self._call("after_step")
+            if self.stop_reason is not None or self.finished:
+                break
+            end = time.perf_counter()
+        distributed.broadcast_buffers(self.model)
+        if self.epoch_complete:
+            log.info("epoch %d done in %s", self.progress.epoch,
+                     datetime.timedelta(seconds=int(time.perf_counter() - start)))
+
+    def _step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """One optimizer step; returns the loss terms averaged over ranks."""
+        images, targets = to_device(images, targets, self.device)
+        with torch.autocast(device_type=self.device.type, enabled=self.scaler.is_enabled()):
+            losses = self.model(images, targets)
+        loss = sum(losses.values())
+        reduced = distributed.all_reduce_mean({**losses, "loss": loss})
+        self._check_finite(losses, reduced)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.progress.batch += 1
+        self.progress.step += 1
+        return reduced
+
+    def _check_finite(self, losses: dict[str, torch.Tensor], reduced: dict[str, float]) -> None:
+        p = self.progress
+        local_bad = {k: v.item() for k, v in losses.items() if not math.isfinite(v.item())}
+        if local_bad:
+            log.error("non-finite loss on rank %d at step %d: %s", distributed.get_rank(), p.step, local_bad)
+        if not all(math.isfinite(v) for v in reduced.values()):
+            raise NonFiniteLossError(
+                f"non-finite loss at step {p.step} (epoch {p.epoch}, batch {p.batch}); "
+                f"mean over ranks: {reduced}; the failing rank logged its own values"
+            )
+
+    def _log_step(self, meters: dict[str, SmoothedValue], data_time: SmoothedValue, step_time: SmoothedValue,
+                  skipped: int) -> dict[str, Any]:
+        """Rank 0's progress line; the step's record (every rank builds it, tracking sends rank 0's)."""
+        p = self.progress
+        lr = self.optimizer.param_groups[0]["lr"]
+        images_per_s = self.cfg.train.batch_size * distributed.get_world_size() / max(step_time.smoothed, 1e-9)
+        eta = datetime.timedelta(seconds=int(step_time.smoothed * max(self.total_steps - p.step, 0)))
+        max_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
+        if distributed.is_main_process():
+            losses = "  ".join(f"{k} {m.smoothed:.4f} ({m.global_avg:.4f})" for k, m in sorted(meters.items()))
+            log.info("epoch %d [%d/%d] step %d  eta %s  %.1f img/s  data %.3fs  lr %.6f  %s", p.epoch, p.batch,
+                     self.steps_per_epoch, p.step, eta, images_per_s, data_time.smoothed, lr, losses)
+            if skipped:
+                log.warning("%d unreadable or mis-sized training images skipped so far in epoch %d", skipped, p.epoch)
+        return {
+            **p.to_dict(),
+            "lr": lr,
+            **{f"train/{k}": m.latest for k, m in meters.items()},
+            **{f"train/{k}_smoothed": m.smoothed for k, m in meters.items()},
+            "images_per_s": images_per_s,
+            "data_time_s": data_time.smoothed,
+            "max_memory_mb": max_mem_mb,
+        }

@@ -1,0 +1,50 @@
+"""A training hook that lives outside dist_kp: it writes every call it gets to PROBE_DIR/rank<R>.log."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dist_kp import distributed
+from dist_kp.config import Config
+from dist_kp.hooks import Hook
+
+
+class ProbeHook(Hook):
+    def __init__(self, cfg: Config) -> None:
+        self.path = Path(os.environ["PROBE_DIR"]) / f"rank{distributed.get_rank()}.log"
+
+    def _note(self, event: str, trainer) -> None:
+        p = trainer.progress
+        with self.path.open("a") as f:
+            f.write(f"{os.getpid()} {event} {p.epoch} {p.batch} {p.step}\n")
+
+    def before_train(self, trainer) -> None:
+        self._note("before_train", trainer)
+
+    def after_step(self, trainer) -> None:
+        self._note("after_step", trainer)
+
+    def after_epoch(self, trainer) -> None:
+        self._note("after_epoch", trainer)
+
+    def after_train(self, trainer) -> None:
+        self._note("after_train", trainer)
+
+
+class StuckStepHook(Hook):
+    """A step that never ends (a hung collective, as far as the loop can tell), from step 2 on.
+
+    Writes PROBE_DIR/stuck when it starts hanging, so that a test knows when to send its signal.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.marker = Path(os.environ["PROBE_DIR"]) / "stuck"
+
+    def after_step(self, trainer) -> None:
+        import time
+
+        if trainer.progress.step == 2:
+            self.marker.write_text(str(os.getpid()))
+            while True:
+                time.sleep(1)

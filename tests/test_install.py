@@ -1,0 +1,89 @@
+"""dist_kp installs like a tool: `pip install .` from a fresh checkout gives the dist-kp command and the configs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, child_env
+
+
+def fresh_checkout(destination: Path) -> Path:
+    """What a clone of the working tree holds: tracked files and new files git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if not os.path.lexists(source):
+            continue  # deleted in the working tree, not yet in the index
+        target = destination / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        else:
+            shutil.copy2(source, target)
+    return destination
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new venv with dist_kp installed by `python -m pip install .` (offline: no index, no dependencies).
+
+    The venv sees this environment's packages (torch, pip, setuptools...) through a .pth line, after
+    its own site-packages, so dist_kp itself comes from the new install and nothing is downloaded.
+    """
+    if shutil.which("git") is None:
+        pytest.skip("git is needed to list the files of a checkout")
+    tmp = tmp_path_factory.mktemp("install")
+    source = fresh_checkout(tmp / "src")
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "_outer_env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --ignore-installed: pip sees this environment's (editable) dist_kp and must not uninstall it.
+    result = subprocess.run([python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation",
+                             "--ignore-installed", "--quiet", "."], cwd=source, env=child_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shutil.rmtree(source)  # the installed package must not need its sources
+    return venv
+
+
+def test_dist_kp_help_lists_the_commands_and_the_packaged_configs(installed: Path, tmp_path: Path) -> None:
+    result = subprocess.run([installed / "bin" / "dist-kp", "--help"], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("train", "evaluate", "predict", "report", "export"):
+        assert f"  {command} " in result.stdout
+    assert "coco_kp_r50_fpn, finetune_custom_skeleton, synthetic_cpu" in result.stdout
+
+
+def test_dist_kp_train_help_is_the_train_modules_help(installed: Path, tmp_path: Path) -> None:
+    result = subprocess.run([installed / "bin" / "dist-kp", "train", "--help"], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--config" in result.stdout and "config sections:" in result.stdout
+
+
+def test_the_installed_package_loads_its_own_configs_by_name_and_carries_the_license(
+        installed: Path, tmp_path: Path) -> None:
+    code = ("import dist_kp, importlib.metadata as m; from dist_kp.config import load_config; "
+            "from dist_kp.packaged_configs import resolve_config; "
+            "print(dist_kp.__file__); print(resolve_config('coco_kp_r50_fpn')); "
+            "print(load_config('finetune_custom_skeleton').model.weights); print(m.metadata('dist_kp')['License-Expression'])")
+    result = subprocess.run([installed / "bin" / "python", "-c", code], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    module, config, weights, license_name = result.stdout.split("\n")[:4]
+    assert Path(module).is_relative_to(installed) and Path(config).is_relative_to(installed)
+    assert Path(config).name == "coco_kp_r50_fpn.yaml" and Path(config).is_file()
+    assert weights == "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"
+    assert license_name == "BSD-3-Clause"
