@@ -7,7 +7,7 @@ tiny CPU model, on local disk and on a SeaweedFS S3 server on 127.0.0.1, measure
 the step loop is held up by one checkpoint:
 
 - synchronous: snapshot + serialize + sha256 + upload, the loop waits for all of it;
-- background, blocked: what `Checkpointer.save` blocks for (gather RNG, copy to CPU, hand-off);
+- background, blocked: what `CheckpointHook.save` blocks for (gather RNG, copy to CPU, hand-off);
 - background, stall: blocked + the extra time the steps take while the writer thread runs
   (steps are a fixed single-thread matmul workload of --step-ms; the difference to the same
   steps without a save in flight is CPU/GIL contention from the writer).
@@ -32,17 +32,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_kp import storage  # noqa: E402
-from dist_kp.checkpoint import CheckpointStore, TrainState  # noqa: E402
+from dist_kp.checkpoint import CheckpointStore  # noqa: E402
 from dist_kp.config import Config, load_config  # noqa: E402
-from dist_kp.engine import TrainProgress, build_optimizer, build_scheduler  # noqa: E402
 from dist_kp.model import build_model  # noqa: E402
+from dist_kp.run_folder import RunFolder  # noqa: E402
+from dist_kp.run_state import RunState  # noqa: E402
+from dist_kp.schedule import build_optimizer, build_scheduler  # noqa: E402
+from dist_kp.trainer import TrainProgress  # noqa: E402
 
 log = logging.getLogger("bench_checkpoint")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_state(cfg: Config) -> TrainState:
+def train_state(cfg: Config) -> tuple[RunState, TrainProgress]:
     model = build_model(cfg.model, 17)
     optimizer = build_optimizer(model, cfg)
     for p in model.parameters():
@@ -50,7 +52,11 @@ def train_state(cfg: Config) -> TrainState:
             p.grad = torch.zeros_like(p)
     optimizer.step()  # creates the momentum buffers, as after the first real step
     scheduler = build_scheduler(optimizer, cfg, 100)
-    return TrainState(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), TrainProgress(), cfg)
+    state, progress = RunState(cfg), TrainProgress()
+    for name, part in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
+                       ("scaler", torch.amp.GradScaler("cpu", enabled=False)), ("progress", progress)):
+        state.register(name, part)
+    return state, progress
 
 
 def make_step(step_ms: float) -> Callable[[], None]:
@@ -79,19 +85,20 @@ def step_time(step: Callable[[], None], count: int = 5) -> float:
     return statistics.median(durations)
 
 
-def measure(state: TrainState, output_dir: str, repeats: int, step: Callable[[], None]) -> dict[str, float]:
-    store = CheckpointStore(output_dir, state.config.checkpoint)
+def measure(state: RunState, progress: TrainProgress, output_dir: str, repeats: int,
+            step: Callable[[], None]) -> dict[str, float]:
+    store = CheckpointStore(RunFolder(output_dir), state.config.checkpoint)
     sync, blocked, stall = [], [], []
     for i in range(repeats):
-        state.progress.step = 2 * i + 1
+        progress.step = 2 * i + 1
         started = time.perf_counter()
-        store.write(state.progress.step, state.capture())
+        store.write(progress.step, state.capture())
         sync.append(time.perf_counter() - started)
 
-        state.progress.step = 2 * i + 2
+        progress.step = 2 * i + 2
         step_s = step_time(step)
         started = time.perf_counter()
-        store.save(state.progress.step, state.capture())
+        store.save(progress.step, state.capture())
         handoff = time.perf_counter() - started
         steps, loop_started = 0, time.perf_counter()
         while store.in_flight:
@@ -101,7 +108,7 @@ def measure(state: TrainState, output_dir: str, repeats: int, step: Callable[[],
         store.wait()
         blocked.append(handoff)
         stall.append(handoff + max(0.0, overlapped - steps * step_s))
-    size = store.fs.size(f"{store.path}/step_{state.progress.step:08d}/state.pt") / 2**20
+    size = store.fs.size(f"{store._step_path(progress.step)}/state.pt") / 2**20
     return {"size_mb": size, "sync": statistics.median(sync), "blocked": statistics.median(blocked),
             "stall": statistics.median(stall)}
 
@@ -131,15 +138,14 @@ def main() -> None:
         try:
             os.environ.update(server.env())
             server.create_bucket("bench")
-            storage.configure({}, 60.0)
             log.info("| model | storage | checkpoint MB | synchronous save s | background: blocked s | "
                      "background: stall s | stall / synchronous |")
             log.info("|---|---|---|---|---|---|---|")
             for name, cfg in models.items():
-                state = train_state(cfg)
+                state, progress = train_state(cfg)
                 for where, out in (("local disk", f"{tmp}/local/{name[:4]}"),
                                    ("S3 (SeaweedFS, loopback)", f"s3://bench/{name[:4]}")):
-                    r = measure(state, out, args.repeats, step)
+                    r = measure(state, progress, out, args.repeats, step)
                     log.info("| %s | %s | %.1f | %.3f | %.3f | %.3f | %.1f%% |", name, where, r["size_mb"], r["sync"],
                              r["blocked"], r["stall"], 100 * r["stall"] / r["sync"])
         finally:

@@ -118,12 +118,13 @@ def timed(phases: dict[str, float], name: str, call, *args, **kwargs):
 def worker(gt_path: str, results_path: str, backend: str, out: str) -> None:
     """One rank: its shard of the images and their results; evaluate_distributed, then the same phase by phase."""
     from dist_kp import distributed
-    from dist_kp.data.coco import load_index
+    from dist_kp.data.index import load_index
+    from dist_kp.storage import Storage
     from dist_kp.evaluation import (
         STAT_NAMES, backend_for, check_sigmas, detection_sets, evaluate_distributed, ground_truth)
 
     distributed.init_distributed("cpu")
-    index = load_index(gt_path)
+    index = load_index(gt_path, Storage())
     results = json.loads(Path(results_path).read_text())
     rank, world = distributed.get_rank(), distributed.get_world_size()
     positions = np.arange(rank, len(index), world)
@@ -159,13 +160,14 @@ def run_dist_kp(nproc: int, backend: str, gt_path: Path, results_path: Path, tmp
 
 def cli_phases(gt_path: Path, results_path: Path, backend: str) -> dict[str, float]:
     """The phases of `evaluate --annotations --results`, in this process (imports measured apart)."""
-    from dist_kp.data.coco import load_index
+    from dist_kp.data.index import load_index
     from dist_kp.evaluate import read_results
     from dist_kp.evaluation import STAT_NAMES, backend_for, check_results, check_sigmas, detection_sets, ground_truth
+    from dist_kp.storage import Storage
 
     phases: dict[str, float] = {}
-    results = timed(phases, "JSON load", read_results, str(results_path))
-    index = timed(phases, "ground truth", load_index, str(gt_path))
+    results = timed(phases, "JSON load", read_results, str(results_path), Storage())
+    index = timed(phases, "ground truth", load_index, str(gt_path), Storage())
     dataset = timed(phases, "ground truth", ground_truth, index)
     timed(phases, "checks", check_results, results, "results", set(index.image_ids.tolist()), 1, 17)
     library, sigmas = backend_for(backend), check_sigmas(None, 17)

@@ -199,13 +199,14 @@ def startup_cached(annotations: str, cache_dir: str) -> dict:
     from dist_kp.data.coco import KeypointDataset
     from dist_kp.data.index_cache import cached_index
     from dist_kp.data.sampler import GroupedDistributedBatchSampler
+    from dist_kp.storage import Storage
 
     gc.collect()
     base = _status_mb("VmRSS")
     _reset_peak()
     start = time.perf_counter()
-    index = cached_index(annotations, cache_dir, MIN_VISIBLE)
-    dataset = KeypointDataset(index, "unused", train=True, min_visible_keypoints=MIN_VISIBLE)
+    index = cached_index(annotations, Storage(), cache_dir, MIN_VISIBLE)
+    dataset = KeypointDataset(index, "unused", Storage(), train=True, min_visible_keypoints=MIN_VISIBLE)
     sampler = GroupedDistributedBatchSampler(dataset.aspect_ratios, 2, num_replicas=8, rank=3)
     elapsed = time.perf_counter() - start
     gc.collect()
@@ -239,11 +240,13 @@ def parse_only(annotations: str, how: str) -> dict:
 def same_as_json(annotations: str, cache_dir: str) -> dict:
     """The cached index equals json.load + index_from_coco at full scale (arrays and file names).
 
-    Both feed coco.IndexBuilder: this checks the streaming cut of the file into slices at COCO scale."""
-    from dist_kp.data.coco import index_from_coco, trainable_images
+    Both feed index.IndexBuilder: this checks the streaming cut of the file into slices at COCO scale."""
+    from dist_kp.data.coco import trainable_images
+    from dist_kp.data.index import index_from_coco
     from dist_kp.data.index_cache import cached_index
+    from dist_kp.storage import Storage
 
-    index = cached_index(annotations, cache_dir, MIN_VISIBLE)
+    index = cached_index(annotations, Storage(), cache_dir, MIN_VISIBLE)
     with open(annotations) as f:
         expected = index_from_coco(json.load(f), annotations)
     names = ("image_ids", "widths", "heights", "ann_offsets", "boxes", "keypoints", "iscrowd", "areas", "ann_ids")
@@ -325,10 +328,12 @@ def loader_rate(kind: str, annotations: str, images: str, passes: int, workers: 
         keys = list(range(len(dataset)))
         collate = lambda batch: tuple(zip(*batch))  # noqa: E731 - the reference's utils.collate_fn
     else:
-        from dist_kp.data.coco import KeypointDataset, SampleKey, collate, load_index
+        from dist_kp.data.coco import KeypointDataset, SampleKey, collate
+        from dist_kp.data.index import load_index
+        from dist_kp.storage import Storage
 
-        dataset = KeypointDataset(load_index(annotations), images, train=True, min_visible_keypoints=0,
-                                  hflip_prob=0.5)
+        dataset = KeypointDataset(load_index(annotations, Storage()), images, Storage(), train=True,
+                                  min_visible_keypoints=0, hflip_prob=0.5)
         keys = [SampleKey(i, 0) for i in range(len(dataset))]
     for key in keys[:4]:
         dataset[key]  # warm up the decoders and the page cache
@@ -367,6 +372,7 @@ def run_child(spec: list[str]) -> None:
     import torchvision  # noqa: F401
 
     import dist_kp.data.coco  # noqa: F401
+    import dist_kp.data.index  # noqa: F401
     import dist_kp.data.index_cache  # noqa: F401
     import dist_kp.data.sampler  # noqa: F401
 

@@ -23,9 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_kp.config import load_config  # noqa: E402
-from dist_kp.data.coco import load_index  # noqa: E402
+from dist_kp.data.index import load_index  # noqa: E402
 from dist_kp.evaluation import EvalOutput, metrics_dict  # noqa: E402
 from dist_kp.metrics import MetricsFile  # noqa: E402
+from dist_kp.run_folder import RunFolder  # noqa: E402
+from dist_kp.storage import Storage  # noqa: E402
 from dist_kp.tracking import Tracker  # noqa: E402
 
 log = logging.getLogger("bench_tracking")
@@ -46,14 +48,14 @@ def measure(mode: str, data: str, records: int, folder: Path) -> dict[str, float
     cfg = load_config(REPO / "configs" / "synthetic_cpu.yaml",
                       [f"data.root={data}", f"output_dir={out}", f"tracking.mode={mode}", "eval.num_visualize=4"])
     started = time.perf_counter()
-    tracker = Tracker(cfg, MetricsFile(str(out / "metrics.jsonl")), run_id=f"bench-{mode}")
+    tracker = Tracker(cfg, MetricsFile(RunFolder(str(out))), run_id=f"bench-{mode}")
     start_s = time.perf_counter() - started
     times = []
     for step in range(1, records + 1):
         started = time.perf_counter()
         tracker.record(record(step))
         times.append(time.perf_counter() - started)
-    index = load_index(f"{data}/annotations/person_keypoints_val2017.json")
+    index = load_index(f"{data}/annotations/person_keypoints_val2017.json", Storage())
     results = [{"image_id": int(index.image_ids[i]), "category_id": 1, "bbox": [10.0, 10.0, 40.0, 80.0],
                 "keypoints": sum(([20.0 + k, 20.0 + 3 * k, 1.0] for k in range(17)), []), "score": 0.9}
                for i in range(4)]

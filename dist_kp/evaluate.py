@@ -25,7 +25,7 @@ import orjson
 
 from dist_kp import distributed, storage
 from dist_kp.config import ConfigError, load_config
-from dist_kp.data.coco import DataError, load_index
+from dist_kp.data.index import DataError, load_index
 from dist_kp.data.loaders import val_index
 from dist_kp.evaluation import (
     BACKENDS,
@@ -69,10 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def read_results(url: str) -> Any:
+def read_results(url: str, store: storage.Storage) -> Any:
     """The parsed results JSON; a missing, binary or malformed file is an EvaluationError naming it."""
     try:
-        with storage.open_url(url, "rb") as f:
+        with store.open(url, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
         raise EvaluationError(f"results file not found: {url}") from None
@@ -90,15 +90,16 @@ def read_results(url: str) -> Any:
 
 
 def evaluate_file(args: argparse.Namespace) -> None:
-    index = load_index(args.annotations)
-    results = read_results(args.results)
+    store = storage.Storage()  # no config here: default options, credentials from the environment
+    index = load_index(args.annotations, store)
+    results = read_results(args.results, store)
     check_results(results, args.results, set(index.image_ids.tolist()), index.meta.category_id,
                   index.meta.num_keypoints, args.annotations)
     iou_types = ("keypoints", "bbox") if all("bbox" in r for r in results) else ("keypoints",)
     output = evaluate_results(ground_truth(index), results, args.backend or "faster_coco_eval", args.sigmas, iou_types,
                               args.keypoint_area or "keypoints")
     folder = args.out or (args.results.rsplit("/", 1)[0] if "/" in args.results else ".")
-    fs, path = storage.url_to_fs(folder)
+    fs, path = store.url_to_fs(folder)
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/metrics.json", "w") as f:
         json.dump(output.metrics, f, indent=1)
@@ -115,7 +116,7 @@ def evaluate_weights(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     index = val_index(cfg)
-    model = build_model(cfg.model, index.meta.num_keypoints).to(info.device)
+    model = build_model(cfg.model, index.meta.num_keypoints, storage.Storage.from_config(cfg.storage)).to(info.device)
     evaluate_model(model, cfg, index, info.device, step=0)
 
 

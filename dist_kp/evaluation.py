@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dist_kp import distributed, storage
+from dist_kp import distributed
 from dist_kp.config import COCO_KEYPOINT_SIGMAS, Config
-from dist_kp.data.coco import KeypointIndex
+from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import build_eval_loader
 from dist_kp.model import unwrap
+from dist_kp.run_folder import EVAL_METRICS, EVAL_RESULTS, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -461,16 +462,11 @@ def evaluate_distributed(
     return output or EvalOutput(metrics, None, "")
 
 
-def write_outputs(output_dir: str, step: int, output: EvalOutput) -> str:
+def write_outputs(folder: RunFolder, step: int, output: EvalOutput) -> str:
     """results.json and metrics.json under OUTPUT_DIR/eval/<step>/ (rank 0); returns the folder URL."""
-    folder = f"{output_dir.rstrip('/')}/eval/{step:08d}"
-    fs, path = storage.url_to_fs(folder)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/results.json", "w") as f:
-        json.dump(output.results or [], f)
-    with fs.open(f"{path}/metrics.json", "w") as f:
-        json.dump({"step": step, **output.metrics}, f, indent=1)
-    return folder
+    folder.write(folder.eval_file(step, EVAL_RESULTS), json.dumps(output.results or []).encode())
+    folder.write(folder.eval_file(step, EVAL_METRICS), json.dumps({"step": step, **output.metrics}, indent=1).encode())
+    return folder.eval_folder(step)
 
 
 def evaluate_model(model: nn.Module, cfg: Config, index: KeypointIndex, device: torch.device, step: int) -> EvalOutput:
@@ -484,7 +480,7 @@ def evaluate_model(model: nn.Module, cfg: Config, index: KeypointIndex, device: 
     results = predict(unwrap(model), loader, device, index.meta.category_id)
     output = evaluate_distributed(index, positions, results, cfg.eval.backend, cfg.eval.sigmas, cfg.eval.keypoint_area)
     if distributed.is_main_process():
-        folder = write_outputs(cfg.output_dir, step, output)
+        folder = write_outputs(RunFolder.for_config(cfg), step, output)
         log.info("evaluation at step %d (%d images, %d detections, %s):\n%s\nwritten to %s", step,
                  len(index) if cfg.eval.max_images is None else min(cfg.eval.max_images, len(index)),
                  len(output.results or []), cfg.eval.backend, output.summary, folder)

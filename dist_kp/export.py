@@ -32,11 +32,15 @@ from typing import Any
 import torch
 from torchvision.models.detection import KeypointRCNN
 
-from dist_kp import distributed, storage
-from dist_kp.data.coco import KeypointMeta
+from dist_kp import distributed
+from dist_kp.data.index import KeypointMeta
 from dist_kp.predict import PredictError, load_predictor
+from dist_kp.storage import Storage, StorageError
 
 log = logging.getLogger("dist_kp.export")
+
+# export has no run config: storage options (endpoint, credentials) come from the environment.
+STORAGE = Storage()
 
 ONNX_OPSET = 17
 OUTPUT_NAMES = ["boxes", "labels", "scores", "keypoints", "keypoints_scores"]
@@ -135,8 +139,8 @@ def export(weights: str, out: str, fmt: str = "onnx", size: tuple[int, int] | No
         size = None
         data = export_torchscript(model)
     info = sidecar(model, meta, fmt, out.rstrip("/").rsplit("/", 1)[-1], size, weights)
-    storage.write_url(out, data)
-    storage.write_url(f"{out}.json", json.dumps(info, indent=2).encode())
+    STORAGE.write(out, data)
+    STORAGE.write(f"{out}.json", json.dumps(info, indent=2).encode())
     log.info("%s model (%.1f MB) written to %s, sidecar %s.json", fmt, len(data) / 1e6, out, out)
     return info
 
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         export(args.weights, args.out, args.format, tuple(args.size) if args.size else None)
-    except (ExportError, storage.StorageError) as error:
+    except (ExportError, StorageError) as error:
         log.error("%s", error)
         return 2
     return 0

@@ -28,8 +28,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from dist_kp import distributed, storage
+from dist_kp import distributed
 from dist_kp.config import ModelConfig
+from dist_kp.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,10 @@ def _is_torchvision_name(source: str) -> bool:
     return "_Weights." in source and "/" not in source
 
 
-def _load_file(source: str) -> dict[str, torch.Tensor]:
+def _load_file(source: str, store: Storage | None = None) -> dict[str, torch.Tensor]:
     try:
-        with storage.open_url(source, "rb") as f:
+        # Without a Storage: the process-wide default that train configures (until every caller passes one).
+        with (store or Storage()).open(source, "rb") as f:
             loaded = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {source}") from None
@@ -109,11 +111,11 @@ def _load_file(source: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def read_state_dict(source: str) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str, store: Storage | None = None) -> dict[str, torch.Tensor]:
     """A state dict from a torchvision weights name (hub cache only), a local path or an fsspec URL."""
     if _is_torchvision_name(source):
         return TorchvisionWeightsFile.of(source).read()
-    return _load_file(source)
+    return _load_file(source, store)
 
 
 @dataclass
@@ -186,7 +188,8 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: st
     return report
 
 
-def load_weights(module: nn.Module, source: str, strict: bool = False) -> WeightsReport:
+def load_weights(module: nn.Module, source: str, strict: bool = False,
+                 store: Storage | None = None) -> WeightsReport:
     """Load weights into a freshly built module.
 
     strict: every tensor must be there with its shape, and nothing else (a mismatch names the keys).
@@ -195,7 +198,7 @@ def load_weights(module: nn.Module, source: str, strict: bool = False) -> Weight
     another number of classes); rank 0 logs the table of what was loaded, re-initialised and unused.
     A file in which less than half of the model's values match is refused (another architecture).
     """
-    state = read_state_dict(source)
+    state = read_state_dict(source, store)
     if strict:
         _load_strict(module, state, source)
         log.info("loaded weights from %s (strict)", source)
@@ -220,10 +223,11 @@ def _trainable_layers(cfg: ModelConfig) -> int:
     return cfg.trainable_backbone_layers
 
 
-def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[BackboneWithFPN, int]:
+def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: Storage | None
+                     ) -> tuple[BackboneWithFPN, int]:
     resnet = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
-        load_weights(resnet, cfg.backbone_weights, cfg.weights_strict)
+        load_weights(resnet, cfg.backbone_weights, cfg.weights_strict, store)
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: _trainable_layers(cfg)]
     if _trainable_layers(cfg) == 5:
         trainable.append("bn1")
@@ -236,10 +240,11 @@ def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[Bac
     return BackboneWithFPN(resnet, return_layers, in_channels, cfg.fpn_channels, extra_blocks=LastLevelMaxPool()), 4
 
 
-def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[BackboneWithFPN, int]:
+def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: Storage | None
+                        ) -> tuple[BackboneWithFPN, int]:
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
-        load_weights(mobilenet, cfg.backbone_weights, cfg.weights_strict)
+        load_weights(mobilenet, cfg.backbone_weights, cfg.weights_strict, store)
     features = mobilenet.features
     stages = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
     freeze_before = stages[len(stages) - _trainable_layers(cfg)] if _trainable_layers(cfg) < len(stages) else 0
@@ -253,14 +258,14 @@ def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module]) -> tuple[
     return fpn, 2
 
 
-def build_model(cfg: ModelConfig, num_keypoints: int) -> KeypointRCNN:
-    """Keypoint R-CNN for one 'person' class with `num_keypoints` keypoints."""
+def build_model(cfg: ModelConfig, num_keypoints: int, store: Storage | None = None) -> KeypointRCNN:
+    """Keypoint R-CNN for one 'person' class with `num_keypoints` keypoints; `store` reads weights URLs."""
     norm_layer = _norm_layer(cfg)
     if cfg.backbone == "mobilenet_v3_large":
-        backbone, levels = _mobilenet_backbone(cfg, norm_layer)
+        backbone, levels = _mobilenet_backbone(cfg, norm_layer, store)
         anchor_generator = AnchorGenerator(((32, 64, 128, 256, 512),) * (levels + 1), ((0.5, 1.0, 2.0),) * (levels + 1))
     else:
-        backbone, levels = _resnet_backbone(cfg, norm_layer)
+        backbone, levels = _resnet_backbone(cfg, norm_layer, store)
         anchor_generator = None  # torchvision's default for five FPN levels
     names = [str(i) for i in range(levels)]
     channels = cfg.fpn_channels
@@ -284,7 +289,7 @@ def build_model(cfg: ModelConfig, num_keypoints: int) -> KeypointRCNN:
         keypoint_predictor=KeypointRCNNPredictor(cfg.keypoint_head_channels, num_keypoints),
     )
     if cfg.weights:
-        load_weights(model, cfg.weights, cfg.weights_strict)
+        load_weights(model, cfg.weights, cfg.weights_strict, store)
     return model
 
 

@@ -35,15 +35,18 @@ from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.models.detection import KeypointRCNN
 from torchvision.transforms.v2.functional import to_dtype
 
-from dist_kp import distributed, storage
+from dist_kp import distributed
 from dist_kp.config import ModelConfig
-from dist_kp.data.coco import KeypointMeta
+from dist_kp.data.index import KeypointMeta
 from dist_kp.evaluation import outputs_to_results
 from dist_kp.model import build_model
+from dist_kp.storage import Storage, StorageError
 from dist_kp.visualize import draw_people, skeleton_connectivity
 
 log = logging.getLogger("dist_kp.predict")
 
+# predict has no run config: storage options (endpoint, credentials) come from the environment.
+STORAGE = Storage()
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
@@ -63,7 +66,7 @@ class InputImage:
 def load_predictor(weights: str, device: torch.device) -> tuple[KeypointRCNN, KeypointMeta]:
     """The model rebuilt from a final weights file alone (model config, keypoints, state dict), in eval mode."""
     try:
-        with storage.open_url(weights, "rb") as f:
+        with STORAGE.open(weights, "rb") as f:
             payload = torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise PredictError(f"weights file not found: {weights}") from None
@@ -100,7 +103,7 @@ def gather_inputs(arguments: list[str]) -> tuple[list[str], list[tuple[str, str]
     failed: list[tuple[str, str]] = []
     for argument in arguments:
         try:
-            fs, path = storage.url_to_fs(argument)
+            fs, path = STORAGE.url_to_fs(argument)
             if not fs.isdir(path):
                 sources.append(argument)
                 continue
@@ -116,7 +119,7 @@ def gather_inputs(arguments: list[str]) -> tuple[list[str], list[tuple[str, str]
 
 def read_photo(url: str, upright: bool) -> torch.Tensor:
     """A uint8 RGB tensor [3, H, W]; `upright` turns it as its EXIF orientation says (phone photos)."""
-    with storage.open_url(url, "rb") as f:
+    with STORAGE.open(url, "rb") as f:
         data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=upright)
     return to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode as uint16
@@ -151,12 +154,6 @@ def draw_detections(image: torch.Tensor, output: dict[str, torch.Tensor], meta: 
     return draw_people(image, output["boxes"], output["keypoints"], meta.skeleton, output["scores"])
 
 
-def write_bytes(url: str, data: bytes) -> None:
-    with storage.named_errors(url):
-        with storage.open_url(url, "wb") as f:
-            f.write(data)
-
-
 def run(args: argparse.Namespace) -> int:
     """Predict on every input; returns the exit status (0 all done, 1 some inputs failed)."""
     device = distributed.pick_device(args.device)
@@ -167,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
     for source, reason in failed:
         log.error("skipped %s: %s", source, reason)
     out = args.out.rstrip("/")
-    with storage.named_errors(out):
-        fs, path = storage.url_to_fs(out)
+    with STORAGE.named_errors(out):
+        fs, path = STORAGE.url_to_fs(out)
         fs.makedirs(path, exist_ok=True)
     records: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
@@ -183,13 +180,13 @@ def run(args: argparse.Namespace) -> int:
             continue
         output = detect(model, image, device, args.score_threshold)
         records += outputs_to_results([output], [item.image_id], meta.category_id)
-        write_bytes(f"{out}/{item.picture}", encode_png(draw_detections(image, output, meta)).numpy().tobytes())
+        STORAGE.write(f"{out}/{item.picture}", encode_png(draw_detections(image, output, meta)).numpy().tobytes())
         images.append({"id": item.image_id, "file_name": _name(item.source), "width": int(image.shape[2]),
                        "height": int(image.shape[1]), "source": item.source, "picture": item.picture})
         log.info("%s (image_id %d): %d people -> %s/%s", item.source, item.image_id, len(output["scores"]), out,
                  item.picture)
-    write_bytes(f"{out}/results.json", json.dumps(records).encode())
-    write_bytes(f"{out}/images.json", json.dumps({"images": images}, indent=1).encode())
+    STORAGE.write(f"{out}/results.json", json.dumps(records).encode())
+    STORAGE.write(f"{out}/images.json", json.dumps({"images": images}, indent=1).encode())
     log.info("%d images, %d people (score >= %g); pictures, results.json and images.json in %s", len(images),
              len(records), args.score_threshold, out)
     if failed:
@@ -221,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (PredictError, storage.StorageError, distributed.LaunchError) as error:
+    except (PredictError, StorageError, distributed.LaunchError) as error:
         log.error("%s", error)
         return 2
 

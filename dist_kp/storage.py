@@ -211,27 +211,3 @@ def explain(error: BaseException, url: str, timeout_s: float = DEFAULT_TIMEOUT_S
     # Backend messages and URLs may carry user:password@ or signed query strings.
     return StorageError(redact_text(f"{url}: {hint} ({text})"))
 
-
-# TRANSITIONAL (removed once every caller is handed a Storage): the process-wide default.
-_default = Storage()
-
-
-def configure(storage_options: dict[str, Any], timeout_s: float) -> None:
-    global _default
-    _default = Storage(dict(storage_options), timeout_s)
-
-
-def url_to_fs(url: str) -> tuple[AbstractFileSystem, str]:
-    return _default.url_to_fs(url)
-
-
-def open_url(url: str, mode: str = "rb") -> Any:
-    return _default.open(url, mode)
-
-
-def write_url(url: str, data: bytes) -> None:
-    _default.write(url, data)
-
-
-def named_errors(url: str) -> contextlib.AbstractContextManager[None]:
-    return _default.named_errors(url)

@@ -32,7 +32,8 @@ from torchvision.io import encode_png
 
 from dist_kp import distributed
 from dist_kp.config import Config
-from dist_kp.data.coco import KeypointIndex, build_target, read_image
+from dist_kp.data.coco import build_target, read_image
+from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import join
 from dist_kp.evaluation import EvalOutput
 from dist_kp.hooks import PREEMPTED, Hook
@@ -252,7 +253,7 @@ class Tracker(NoTracking):
                 truth = build_target(index, i, train=False)
                 prediction = people_from_results([r for r in results if r["image_id"] == image_id],
                                                  index.meta.num_keypoints, PICTURE_MIN_SCORE)
-                image = read_image(f"{image_root}/{index.file_names[i]}")
+                image = read_image(f"{image_root}/{index.file_names[i]}", self.folder.storage)
                 pictures.append((f"image {image_id}",
                                  truth_and_prediction(image, truth, prediction, index.meta.skeleton,
                                                       f"image {image_id}")))

@@ -24,13 +24,13 @@ import torch
 from dist_kp import distributed, storage
 from dist_kp.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
-from dist_kp.data.coco import DataError
+from dist_kp.data.index import DataError
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.data.sampler import BatchSizeError
 from dist_kp.distributed import LaunchError
 from dist_kp.evaluation import EvaluationError, check_sigmas, evaluate_model
 from dist_kp.hooks import CheckpointHook, EvaluationHook, FinalWeightsHook, PreemptionHook, user_hooks
-from dist_kp.model import build_model, unwrap, weights_payload
+from dist_kp.model import WeightsError, build_model, unwrap, weights_payload
 from dist_kp.preemption import PreemptionHandler
 from dist_kp.run_folder import RunFolder
 from dist_kp.run_state import ResumeError, RunState
@@ -64,7 +64,6 @@ def run(cfg: Config) -> int:
     preemption = PreemptionHandler(cfg.train.stop_grace_s)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     folder = RunFolder.for_config(cfg)
-    storage.configure(folder.storage.options, folder.storage.timeout_s)
     seed_everything(cfg.train.seed, info.rank)
     if info.is_main:
         folder.remove_stale_temporaries()
@@ -79,7 +78,7 @@ def run(cfg: Config) -> int:
     if evaluation_index is not None:  # a wrong eval.sigmas fails now, not after the first epoch
         check_sigmas(cfg.eval.sigmas, evaluation_index.meta.num_keypoints)
     loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device)
-    model = build_model(cfg.model, index.meta.num_keypoints).to(info.device)
+    model = build_model(cfg.model, index.meta.num_keypoints, folder.storage).to(info.device)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LaunchError, BatchSizeError, DataError) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 2
-    except (storage.StorageError, EvaluationError, CheckpointError, ResumeError) as error:
+    except (storage.StorageError, EvaluationError, CheckpointError, ResumeError, WeightsError) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 1
     except Exception:

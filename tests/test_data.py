@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from dist_kp.data.coco import DataError, KeypointDataset, SampleKey, build_target, index_from_coco, load_index
+from dist_kp.data.coco import KeypointDataset, SampleKey, build_target
+from dist_kp.data.index import DataError, index_from_coco, load_index
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON, generate
 from dist_kp.data.transforms import horizontal_flip
+from dist_kp.storage import Storage
 
 
 def person(ann_id: int, image_id: int, bbox: list[float], visible: int, crowd: int = 0) -> dict:
@@ -60,11 +63,11 @@ def test_target_matches_the_json_for_a_hand_checked_image() -> None:
 
 def test_training_drops_images_without_enough_visible_keypoints(tmp_path: Path) -> None:
     index = index_from_coco(HAND_MADE, "hand.json")
-    train = KeypointDataset(index, str(tmp_path), train=True, min_visible_keypoints=10)
+    train = KeypointDataset(index, str(tmp_path), Storage(), train=True, min_visible_keypoints=10)
     assert [int(index.image_ids[p]) for p in train.positions] == [7]
-    lenient = KeypointDataset(index, str(tmp_path), train=True, min_visible_keypoints=1)
+    lenient = KeypointDataset(index, str(tmp_path), Storage(), train=True, min_visible_keypoints=1)
     assert sorted(int(index.image_ids[p]) for p in lenient.positions) == [3, 7]
-    evaluation = KeypointDataset(index, str(tmp_path), train=False)
+    evaluation = KeypointDataset(index, str(tmp_path), Storage(), train=False)
     assert len(evaluation) == 4
 
 
@@ -72,7 +75,7 @@ def test_not_coco_json_is_refused_naming_the_file_and_record(tmp_path: Path) -> 
     path = tmp_path / "broken.json"
     path.write_text(json.dumps({"images": []}))
     with pytest.raises(DataError, match="broken.json.*annotations"):
-        load_index(str(path))
+        load_index(str(path), Storage())
     bad = json.loads(json.dumps(HAND_MADE))
     bad["annotations"][0]["keypoints"] = [1, 2, 2]
     with pytest.raises(DataError, match="hand.json: annotation id=1.*3 keypoint values, expected 51"):
@@ -124,8 +127,9 @@ def test_flipping_twice_is_identity() -> None:
 
 def test_flip_decisions_depend_only_on_seed_epoch_and_sample(tmp_path: Path) -> None:
     root = generate(tmp_path / "d", train=12, val=1, seed=3)
-    index = load_index(str(root / "annotations" / "person_keypoints_train2017.json"))
-    dataset = KeypointDataset(index, str(root / "train2017"), train=True, min_visible_keypoints=0, hflip_prob=0.5)
+    index = load_index(str(root / "annotations" / "person_keypoints_train2017.json"), Storage())
+    dataset = KeypointDataset(index, str(root / "train2017"), Storage(), train=True, min_visible_keypoints=0,
+                              hflip_prob=0.5)
     first = [dataset[SampleKey(i, 0)][1]["boxes"] for i in range(len(dataset))]
     again = [dataset[SampleKey(i, 0)][1]["boxes"] for i in reversed(range(len(dataset)))][::-1]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
@@ -137,10 +141,16 @@ def test_flip_decisions_depend_only_on_seed_epoch_and_sample(tmp_path: Path) -> 
 
 def test_unreadable_training_image_is_skipped_and_counted(tmp_path: Path) -> None:
     root = generate(tmp_path / "d", train=4, val=1, seed=3)
-    index = load_index(str(root / "annotations" / "person_keypoints_train2017.json"))
-    dataset = KeypointDataset(index, str(root / "train2017"), train=True, min_visible_keypoints=0)
+    index = load_index(str(root / "annotations" / "person_keypoints_train2017.json"), Storage())
+    dataset = KeypointDataset(index, str(root / "train2017"), Storage(), train=True, min_visible_keypoints=0)
     (root / "train2017" / index.file_names[int(dataset.positions[0])]).write_bytes(b"not a jpeg")
     image, target, skipped = dataset[SampleKey(0, 0)]
     assert skipped == 1
     assert target["image_id"].item() == int(index.image_ids[dataset.positions[1]])
     assert np.array_equal(image.shape[1:], (index.heights[dataset.positions[1]], index.widths[dataset.positions[1]]))
+
+
+def test_dataset_carries_its_storage_into_loader_workers(tmp_path: Path) -> None:
+    storage = Storage({"anon": True}, timeout_s=5.0)
+    dataset = KeypointDataset(index_from_coco(HAND_MADE, "hand.json"), str(tmp_path), storage, train=False)
+    assert pickle.loads(pickle.dumps(dataset)).storage == storage  # spawn/forkserver workers unpickle the dataset

@@ -13,18 +13,12 @@ import torch
 from PIL import Image
 
 from dist_kp.config import load_config
-from dist_kp.data.coco import (
-    DataError,
-    KeypointDataset,
-    SampleKey,
-    index_from_coco,
-    leaves_folder,
-    load_index,
-    training_filter,
-)
+from dist_kp.data.coco import KeypointDataset, SampleKey, leaves_folder, training_filter
+from dist_kp.data.index import DataError, index_from_coco, load_index
 from dist_kp.data.index_cache import cached_index
 from dist_kp.data.loaders import build_train_loader, train_index
 from dist_kp.data.synthetic import generate
+from dist_kp.storage import Storage
 from tests.conftest import TINY_CONFIG, tiny_overrides
 from tests.test_data import HAND_MADE, person
 
@@ -51,9 +45,9 @@ def test_16_bit_png_gives_the_same_uint8_0_255_values_as_its_8_bit_original(tmp_
     original[0, :3] = [0, 128, 255]
     record["file_name"] = "deep.png"
     Image.fromarray(original.astype(np.uint16) * 257).save(root / "train2017" / "deep.png")  # 16-bit grey PNG
-    index = load_index(str(save(root, data)))
+    index = load_index(str(save(root, data)), Storage())
     for train in (True, False):
-        dataset = KeypointDataset(index, str(root / "train2017"), train=train)
+        dataset = KeypointDataset(index, str(root / "train2017"), Storage(), train=train)
         item = [int(index.image_ids[p]) for p in dataset.positions].index(record["id"])
         image = dataset[SampleKey(item, 0) if train else item][0]
         assert image.dtype == torch.uint8  # the device transfer divides by 255
@@ -81,17 +75,17 @@ def test_file_names_leaving_the_image_folder_are_refused_counted_and_named(tmp_p
     message = (r"2 image file names leave the image folder .*train2017: "
                rf"image id={data['images'][0]['id']} file_name='\.\./\.\./outside/x\.jpg', "
                rf"image id={data['images'][2]['id']} file_name='{outside}/x\.jpg'")
-    for index in (load_index(str(path)), cached_index(str(path), tmp_path / "cache", 0)):
+    for index in (load_index(str(path), Storage()), cached_index(str(path), Storage(), tmp_path / "cache", 0)):
         for train in (True, False):
             with pytest.raises(DataError, match=message):
-                KeypointDataset(index, str(root / "train2017"), train=train)
+                KeypointDataset(index, str(root / "train2017"), Storage(), train=train)
 
 
 def test_image_whose_size_differs_from_its_record_is_skipped_in_training_and_refused_in_evaluation(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root, data = small_set(tmp_path)
-    index = load_index(str(train_json(root)))
-    train = KeypointDataset(index, str(root / "train2017"), train=True)
+    index = load_index(str(train_json(root)), Storage())
+    train = KeypointDataset(index, str(root / "train2017"), Storage(), train=True)
     first = int(train.positions[0])
     victim = root / "train2017" / index.file_names[first]
     Image.new("RGB", (1, 1)).save(victim, format="JPEG")
@@ -102,7 +96,7 @@ def test_image_whose_size_differs_from_its_record_is_skipped_in_training_and_ref
     size = f"{index.widths[first]}x{index.heights[first]}"
     assert f"skipping training image {victim}: {victim} is 1x1 pixels, but image id={index.image_ids[first]}" \
         in caplog.text and f"is {size}" in caplog.text
-    evaluation = KeypointDataset(index, str(root / "train2017"), train=False)
+    evaluation = KeypointDataset(index, str(root / "train2017"), Storage(), train=False)
     with pytest.raises(DataError, match=f"cannot read evaluation image {victim}: .* is 1x1 pixels.* is {size}"):
         evaluation[first]
 
@@ -115,12 +109,13 @@ def test_visible_keypoints_outside_the_image_are_warned_with_a_count_and_an_exam
     data["annotations"][0]["keypoints"][3:6] = [10.0, -1000.0, 1]
     index = index_from_coco(data, "hand.json")
     with caplog.at_level(logging.WARNING, "dist_kp.data.coco"):
-        KeypointDataset(index, str(tmp_path), train=True, min_visible_keypoints=10)
+        KeypointDataset(index, str(tmp_path), Storage(), train=True, min_visible_keypoints=10)
     assert ("hand.json: 2 visible keypoints of 1 training annotations lie outside their image, e.g. annotation "
             "id=1 of image id=7 (100x80): nose at (1100, 20)") in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, "dist_kp.data.coco"):
-        KeypointDataset(index_from_coco(HAND_MADE, "hand.json"), str(tmp_path), train=True, min_visible_keypoints=10)
+        KeypointDataset(index_from_coco(HAND_MADE, "hand.json"), str(tmp_path), Storage(), train=True,
+                        min_visible_keypoints=10)
     assert "outside their image" not in caplog.text
 
 
@@ -148,3 +143,12 @@ def test_training_set_whose_boxes_are_all_empty_is_refused_naming_empty_boxes_no
                                         r"0 without person annotations, 0 with only crowd annotations, 6 whose boxes "
                                         r"are all empty inside the image, 0 with fewer than"):
         build_train_loader(cfg, train_index(cfg), rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def test_fewer_training_images_than_processes_is_refused_counting_each_dropped_image(tmp_path: Path) -> None:
+    cfg = load_config(TINY_CONFIG, tiny_overrides(tmp_path, tmp_path / "run", "data.min_visible_keypoints=10"))
+    index = index_from_coco(HAND_MADE, "hand.json")
+    assert len(KeypointDataset(index, str(tmp_path), Storage(), train=True, min_visible_keypoints=10)) == 1
+    with pytest.raises(ValueError, match=r"hand.json: fewer training images than the 2 processes .*\(1 of 4 images "
+                                         r"kept; dropped: 1 without person annotations, 1 with only crowd"):
+        build_train_loader(cfg, index, rank=0, world_size=2, device=torch.device("cpu"))

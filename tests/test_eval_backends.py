@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_kp.data.coco import load_index
+from dist_kp.data.index import load_index
+from dist_kp.storage import Storage
 from dist_kp.evaluation import (
     BACKENDS,
     STAT_NAMES,
@@ -33,7 +34,7 @@ from tests.test_evaluation import noisy_predictions, val_json
 
 @pytest.fixture(scope="module")
 def dataset(synthetic_root: Path):
-    index = load_index(str(val_json(synthetic_root)))
+    index = load_index(str(val_json(synthetic_root)), Storage())
     results = noisy_predictions(json.loads(val_json(synthetic_root).read_text()), seed=3)
     # Scores tied across images: accumulate's stable sort then depends on the image order of the records.
     return index, [dict(r, score=round(r["score"], 1)) for r in results]

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_kp.data.coco import load_index
+from dist_kp.data.index import load_index
+from dist_kp.storage import Storage
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from dist_kp.evaluation import STAT_NAMES, evaluate_results, ground_truth, metrics_dict
 from tests.conftest import check, run_module
@@ -59,7 +60,7 @@ def area_set(tmp_path_factory: pytest.TempPathFactory):
     gt, results = area_ranges_set()
     path = tmp_path_factory.mktemp("area_set") / "person_keypoints_val2017.json"
     path.write_text(json.dumps(gt))
-    return path, load_index(str(path)), results
+    return path, load_index(str(path), Storage()), results
 
 
 def keypoint_stats(metrics: dict[str, float]) -> dict[str, float]:

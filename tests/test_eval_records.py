@@ -105,10 +105,11 @@ def per_annotation_reference(index, positions: np.ndarray) -> dict:
 
 
 def test_ground_truth_equals_the_per_annotation_build(synthetic_root) -> None:
-    from dist_kp.data.coco import load_index
+    from dist_kp.data.index import load_index
+    from dist_kp.storage import Storage
     from dist_kp.evaluation import ground_truth
 
-    index = load_index(str(synthetic_root / "annotations" / "person_keypoints_val2017.json"))
+    index = load_index(str(synthetic_root / "annotations" / "person_keypoints_val2017.json"), Storage())
     for positions in (np.arange(len(index)), np.arange(1, len(index), 3), np.zeros(0, np.int64)):
         assert json.dumps(ground_truth(index, positions)) == json.dumps(per_annotation_reference(index, positions))
     assert ground_truth(index) == ground_truth(index, np.arange(len(index)))

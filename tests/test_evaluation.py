@@ -20,7 +20,8 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from dist_kp.data.coco import index_from_coco, load_index
+from dist_kp.data.index import index_from_coco, load_index
+from dist_kp.storage import Storage
 from dist_kp.evaluation import (
     EvaluationError,
     STAT_NAMES,
@@ -107,7 +108,7 @@ def sharded(backend: str, index, results: list[dict], world_size: int,
 @pytest.fixture(scope="module")
 def noisy(synthetic_root: Path):
     gt = json.loads(val_json(synthetic_root).read_text())
-    return load_index(str(val_json(synthetic_root))), noisy_predictions(gt)
+    return load_index(str(val_json(synthetic_root)), Storage()), noisy_predictions(gt)
 
 
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
@@ -152,13 +153,15 @@ def test_ground_truth_as_predictions_scores_ap_one(synthetic_root: Path, backend
     gt = json.loads(val_json(synthetic_root).read_text())
     perfect = [{"image_id": a["image_id"], "category_id": 1, "keypoints": a["keypoints"], "bbox": a["bbox"],
                 "score": 1.0} for a in gt["annotations"] if not a["iscrowd"] and a["num_keypoints"] > 0]
-    metrics = evaluate_results(ground_truth(load_index(str(val_json(synthetic_root)))), perfect, backend, None).metrics
+    index = load_index(str(val_json(synthetic_root)), Storage())
+    metrics = evaluate_results(ground_truth(index), perfect, backend, None).metrics
     assert metrics["kp/AP"] == pytest.approx(1.0) and metrics["bbox/AP"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
 def test_no_predictions_give_zeros_without_error(synthetic_root: Path, backend: str) -> None:
-    metrics = evaluate_results(ground_truth(load_index(str(val_json(synthetic_root)))), [], backend, None).metrics
+    index = load_index(str(val_json(synthetic_root)), Storage())
+    metrics = evaluate_results(ground_truth(index), [], backend, None).metrics
     assert set(metrics.values()) == {0.0} and "kp/AR" in metrics and "bbox/AR100" in metrics
 
 

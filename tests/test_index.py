@@ -20,21 +20,14 @@ import torch
 from filelock import FileLock
 
 from dist_kp.config import load_config
-from dist_kp.data.coco import (
-    DataError,
-    KeypointDataset,
-    KeypointIndex,
-    KeypointMeta,
-    SampleKey,
-    build_target,
-    index_from_coco,
-    trainable_images,
-)
+from dist_kp.data.coco import KeypointDataset, SampleKey, build_target, trainable_images
 from dist_kp.data.coco_stream import index_from_stream
+from dist_kp.data.index import DataError, KeypointIndex, KeypointMeta, index_from_coco
 from dist_kp.data.index_cache import cached_index
 from dist_kp.data.loaders import build_train_loader, train_index
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON, generate
 from dist_kp.evaluation import ground_truth
+from dist_kp.storage import Storage
 from tests.conftest import REPO, TINY_CONFIG, check, child_env, run_module, tiny_overrides
 
 ARRAYS = ("image_ids", "widths", "heights", "ann_offsets", "boxes", "keypoints", "iscrowd", "areas", "ann_ids")
@@ -113,7 +106,7 @@ def test_every_training_and_eval_target_from_the_cache_equals_the_json(edge_root
         path = edge_root / "annotations" / f"person_keypoints_{split}2017.json"
         expected = reference(path)
         assert_same_index(from_json(path), expected)
-        index = cached_index(str(path), tmp_path / "cache", min_visible_keypoints=10)
+        index = cached_index(str(path), Storage(), tmp_path / "cache", min_visible_keypoints=10)
         assert index.cache_path and isinstance(index.keypoints, np.memmap)
         assert_same_index(index, expected)
         assert index.iscrowd.any() and (index.boxes[:, 2] == 0).any()  # the edge cases are there
@@ -123,11 +116,13 @@ def test_every_training_and_eval_target_from_the_cache_equals_the_json(edge_root
         for min_visible in (0, 1, 10, 17, 40):
             wanted = [i for i in range(len(expected)) if visible_enough(expected, i, min_visible)]
             assert trainable_images(expected, min_visible).tolist() == wanted
-            assert cached_index(str(path), tmp_path / "cache", min_visible).trainable[min_visible].tolist() == wanted
+            cached = cached_index(str(path), Storage(), tmp_path / "cache", min_visible)
+            assert cached.trainable[min_visible].tolist() == wanted
         np.testing.assert_array_equal(index.aspect_ratios, expected.aspect_ratios)
         images = str(edge_root / f"{split}2017")
-        cached_set = KeypointDataset(index, images, train=True, min_visible_keypoints=10, hflip_prob=0.5, seed=3)
-        json_set = KeypointDataset(expected, images, train=True, min_visible_keypoints=10, hflip_prob=0.5, seed=3)
+        options = {"train": True, "min_visible_keypoints": 10, "hflip_prob": 0.5, "seed": 3}
+        cached_set = KeypointDataset(index, images, Storage(), **options)
+        json_set = KeypointDataset(expected, images, Storage(), **options)
         assert len(cached_set) == len(json_set) > 0
         for item in range(len(cached_set)):
             (a_image, a_target, _), (b_image, b_target, _) = cached_set[SampleKey(item, 1)], json_set[SampleKey(item, 1)]
@@ -210,9 +205,9 @@ def test_bad_files_are_refused_naming_the_file_and_record(tmp_path: Path) -> Non
             from_json(bad)
     bad.write_text('{"images": [{"id": 1, "file_name": "a.jpg", "width": 3, "height": 4}], "annotations": [')
     with pytest.raises(DataError, match=r"bad\.json: not valid JSON"):
-        cached_index(str(bad), tmp_path / "cache")
+        cached_index(str(bad), Storage(), tmp_path / "cache")
     with pytest.raises(DataError, match="annotation file not found: .*missing.json"):
-        cached_index(str(tmp_path / "missing.json"), tmp_path / "cache")
+        cached_index(str(tmp_path / "missing.json"), Storage(), tmp_path / "cache")
 
 
 def test_changed_json_gets_a_new_entry_and_a_touched_one_keeps_its_entry(
@@ -221,16 +216,16 @@ def test_changed_json_gets_a_new_entry_and_a_touched_one_keeps_its_entry(
     path = tmp_path / "train.json"
     data = json.loads((synthetic_root / "annotations" / "person_keypoints_train2017.json").read_text())
     path.write_text(json.dumps(data))
-    first = cached_index(str(path), tmp_path / "cache", 10)
+    first = cached_index(str(path), Storage(), tmp_path / "cache", 10)
     assert builder_lines(caplog) == 1
-    again = cached_index(str(path), tmp_path / "cache", 10)
+    again = cached_index(str(path), Storage(), tmp_path / "cache", 10)
     assert again.cache_path == first.cache_path and builder_lines(caplog) == 1
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # same bytes, new mtime: hashed, not rebuilt
-    assert cached_index(str(path), tmp_path / "cache", 10).cache_path == first.cache_path
+    assert cached_index(str(path), Storage(), tmp_path / "cache", 10).cache_path == first.cache_path
     assert builder_lines(caplog) == 1
     data["annotations"][0]["keypoints"][0] += 1.0
     path.write_text(json.dumps(data))
-    changed = cached_index(str(path), tmp_path / "cache", 10)
+    changed = cached_index(str(path), Storage(), tmp_path / "cache", 10)
     assert builder_lines(caplog) == 2 and changed.cache_path != first.cache_path
     assert_same_index(changed, reference(path))
     assert Path(first.cache_path).is_dir()  # the old entry stays for jobs still mapping it
@@ -241,7 +236,7 @@ def test_truncated_or_damaged_cache_is_rebuilt(synthetic_root: Path, tmp_path: P
     caplog.set_level(logging.INFO, "dist_kp.data.index_cache")
     path = synthetic_root / "annotations" / "person_keypoints_train2017.json"
     expected = reference(path)
-    entry = Path(cached_index(str(path), tmp_path / "cache", 10).cache_path)
+    entry = Path(cached_index(str(path), Storage(), tmp_path / "cache", 10).cache_path)
     damage = [
         lambda: (entry / "keypoints.npy").write_bytes((entry / "keypoints.npy").read_bytes()[:-100]),
         lambda: (entry / "manifest.json").write_text('{"format": 1, "arr'),
@@ -250,7 +245,7 @@ def test_truncated_or_damaged_cache_is_rebuilt(synthetic_root: Path, tmp_path: P
     ]
     for n, harm in enumerate(damage, start=2):
         harm()
-        index = cached_index(str(path), tmp_path / "cache", 10)
+        index = cached_index(str(path), Storage(), tmp_path / "cache", 10)
         assert_same_index(index, expected)
         assert index.trainable[10].tolist() == [i for i in range(len(expected)) if visible_enough(expected, i, 10)]
     # The damaged trainable file alone is rewritten; the three damaged entries were rebuilt.
@@ -263,14 +258,14 @@ def test_file_without_annotations_or_trainable_images_gives_an_empty_index(tmp_p
                                 "annotations": [], "categories": [{"id": 1, "name": "person",
                                                                    "keypoints": COCO_KEYPOINT_NAMES}]}))
     for _ in range(2):  # built, then mapped
-        index = cached_index(str(path), tmp_path / "cache", 10)
+        index = cached_index(str(path), Storage(), tmp_path / "cache", 10)
         assert_same_index(index, reference(path))
         assert len(index) == 1 and len(index.boxes) == 0 and index.trainable[10].tolist() == []
 
 
 def test_cached_index_pickles_as_a_reference_to_its_files(synthetic_root: Path, tmp_path: Path) -> None:
     path = synthetic_root / "annotations" / "person_keypoints_train2017.json"
-    index = cached_index(str(path), tmp_path / "cache", 10)
+    index = cached_index(str(path), Storage(), tmp_path / "cache", 10)
     payload = pickle.dumps(index)
     assert len(payload) < 2000  # workers started by spawn/forkserver map the files instead of copying arrays
     copy = pickle.loads(payload)

@@ -78,7 +78,8 @@ def test_the_installed_package_loads_its_own_configs_by_name_and_carries_the_lic
     code = ("import dist_kp, importlib.metadata as m; from dist_kp.config import load_config; "
             "from dist_kp.packaged_configs import resolve_config; "
             "print(dist_kp.__file__); print(resolve_config('coco_kp_r50_fpn')); "
-            "print(load_config('finetune_custom_skeleton').model.weights); print(m.metadata('dist_kp')['License-Expression'])")
+            "print(load_config('finetune_custom_skeleton').model.weights); "
+            "print(m.metadata('dist_kp')['License-Expression'])")
     result = subprocess.run([installed / "bin" / "python", "-c", code], cwd=tmp_path, env=child_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -87,3 +88,12 @@ def test_the_installed_package_loads_its_own_configs_by_name_and_carries_the_lic
     assert Path(config).name == "coco_kp_r50_fpn.yaml" and Path(config).is_file()
     assert weights == "KeypointRCNN_ResNet50_FPN_Weights.COCO_V1"
     assert license_name == "BSD-3-Clause"
+
+
+def test_python_m_dist_kp_is_the_same_command_and_an_unknown_command_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "dist_kp", "export", "--help"], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--format {onnx,torchscript}" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "-m", "dist_kp", "fit"], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "invalid choice: 'fit'" in result.stderr

@@ -2,7 +2,7 @@
 
 `json.load` + `index_from_coco` materialises every polygon of every person as Python objects:
 ~1 GB for COCO train. Here the stream is cut into ~1 MB slices of whole array elements, each
-parsed by orjson and handed to the same `coco.IndexBuilder` at once, so the peak is the arrays
+parsed by orjson and handed to the same `index.IndexBuilder` at once, so the peak is the arrays
 plus one slice. The index equals `index_from_coco`'s for any valid COCO file.
 
 Cutting: a slice ends at a `}` that is followed by `, {` or `]`. A `}` inside a string or a
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from dist_kp.data.coco import DataError, IndexBuilder, KeypointIndex
+from dist_kp.data.index import DataError, IndexBuilder, KeypointIndex
 
 SLICE_BYTES = 1 << 20
 _ELEMENT_END = re.compile(rb"\}\s*(?:,\s*\{|\])")

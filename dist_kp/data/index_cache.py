@@ -1,6 +1,6 @@
 """Build the KeypointIndex of an annotation JSON once per node and memory-map it in every process.
 
-    index = cached_index("s3://bucket/coco/annotations/person_keypoints_train2017.json",
+    index = cached_index("s3://bucket/coco/annotations/person_keypoints_train2017.json", Storage(),
                          cache_dir=None, min_visible_keypoints=10)
     python -m dist_kp.data.index_cache ANNOTATIONS [--cache-dir DIR] [--min-visible-keypoints N]
 
@@ -42,15 +42,10 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from dist_kp import storage
-from dist_kp.data.coco import (
-    DataError,
-    KeypointIndex,
-    KeypointMeta,
-    PackedStrings,
-    trainable_images,
-)
+from dist_kp.data.coco import trainable_images
 from dist_kp.data.coco_stream import index_from_stream
+from dist_kp.data.index import DataError, KeypointIndex, KeypointMeta, PackedStrings
+from dist_kp.storage import Storage, StorageError, is_local_url, local_path
 
 log = logging.getLogger("dist_kp.data.index_cache")  # the same name when run as __main__ (setup_logging)
 
@@ -83,22 +78,14 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"dist_kp_index-{os.getuid()}"
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url.removeprefix("file://")
-
-
-def source_fingerprint(url: str) -> dict[str, Any] | None:
+def source_fingerprint(url: str, storage: Storage) -> dict[str, Any] | None:
     """What changes when the file changes, without reading it: stat, or size + ETag/mtime of the object.
 
     None when the file system reports neither (the content is then hashed every time).
     """
     try:
-        if _is_local(url):
-            st = os.stat(_local_path(url))
+        if is_local_url(url):
+            st = os.stat(local_path(url))
             return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
                     "inode": st.st_ino, "device": st.st_dev}
         with storage.named_errors(url):
@@ -106,7 +93,7 @@ def source_fingerprint(url: str) -> dict[str, Any] | None:
             info = fs.info(path)
     except FileNotFoundError:
         raise DataError(f"annotation file not found: {url}") from None
-    except storage.StorageError as error:
+    except StorageError as error:
         if isinstance(error.__cause__, FileNotFoundError):
             raise DataError(f"annotation file not found: {url}") from None
         raise
@@ -114,10 +101,10 @@ def source_fingerprint(url: str) -> dict[str, Any] | None:
     return None if version is None else {"size": info.get("size"), "version": str(version)}
 
 
-def _blocks(url: str) -> Iterator[bytes]:
+def _blocks(url: str, storage: Storage) -> Iterator[bytes]:
     """The file's bytes in BLOCK_BYTES pieces (one ranged request per piece on object storage)."""
-    if _is_local(url):
-        with open(_local_path(url), "rb", buffering=0) as f:
+    if is_local_url(url):
+        with open(local_path(url), "rb", buffering=0) as f:
             while block := f.read(BLOCK_BYTES):
                 yield block
         return
@@ -220,9 +207,13 @@ def write_entry(index: KeypointIndex, entry: Path, digest: str) -> None:
 
 
 class IndexCache:
-    """The cache directory of one node; see the module docstring for its layout and protocol."""
+    """The cache directory of one node; see the module docstring for its layout and protocol.
 
-    def __init__(self, cache_dir: str | Path | None = None) -> None:
+    Annotation files are read through `storage`; the cache itself is a local folder.
+    """
+
+    def __init__(self, storage: Storage, cache_dir: str | Path | None = None) -> None:
+        self.storage = storage
         self.root = Path(cache_dir) if cache_dir else default_cache_dir()
 
     def _source_record(self, url: str) -> Path:
@@ -272,7 +263,7 @@ class IndexCache:
         With min_visible_keypoints, the index also holds the training positions for that filter
         (index.trainable[min_visible_keypoints]).
         """
-        fingerprint = source_fingerprint(url)
+        fingerprint = source_fingerprint(url, self.storage)
         digest = self._known_digest(url, fingerprint)
         index = None if digest is None else self._open(digest, url, min_visible_keypoints)
         if index is not None:
@@ -308,10 +299,10 @@ class IndexCache:
     def _hash(self, url: str) -> tuple[str, Path | None]:
         """sha256 of the file, streamed; a remote file is also kept locally for the build that may follow."""
         digest = hashlib.sha256()
-        download = None if _is_local(url) else self.root / f".tmp-download-{os.getpid()}.json"
+        download = None if is_local_url(url) else self.root / f".tmp-download-{os.getpid()}.json"
         sink = open(download, "wb") if download else None
         try:
-            for block in _blocks(url):
+            for block in _blocks(url, self.storage):
                 digest.update(block)
                 if sink:
                     sink.write(block)
@@ -325,16 +316,16 @@ class IndexCache:
     def _build(self, url: str, download: Path | None, entry: Path, digest: str) -> None:
         log.info("building index cache for %s in %s (pid %d)", url, entry, os.getpid())
         start = time.perf_counter()
-        index = index_from_stream(_reader(_blocks(str(download) if download else url)), url)
+        index = index_from_stream(_reader(_blocks(str(download) if download else url, self.storage)), url)
         write_entry(index, entry, digest)
         log.info("index cache of %s: %d images, %d annotations, built in %.1f s", url, len(index),
                  len(index.boxes), time.perf_counter() - start)
 
 
-def cached_index(url: str, cache_dir: str | Path | None = None,
+def cached_index(url: str, storage: Storage, cache_dir: str | Path | None = None,
                  min_visible_keypoints: int | None = None) -> CachedKeypointIndex:
-    """The KeypointIndex of an annotation JSON via the node's cache (see IndexCache.load)."""
-    return IndexCache(cache_dir).load(url, min_visible_keypoints)
+    """The KeypointIndex of an annotation JSON (read through `storage`) via the node's cache (see IndexCache.load)."""
+    return IndexCache(storage, cache_dir).load(url, min_visible_keypoints)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging()
     try:
-        index = cached_index(args.annotations, args.cache_dir, args.min_visible_keypoints)
-    except (DataError, storage.StorageError) as error:
+        index = cached_index(args.annotations, Storage(), args.cache_dir, args.min_visible_keypoints)
+    except (DataError, StorageError) as error:
         log.error("%s", error)
         return 2
     trained = "" if args.min_visible_keypoints is None else \

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 
-from dist_kp import storage
 from dist_kp.config import Config
-from dist_kp.data.coco import KeypointDataset, KeypointIndex, collate
+from dist_kp.data.coco import KeypointDataset, collate, training_filter
+from dist_kp.data.index import KeypointIndex
 from dist_kp.data.index_cache import cached_index
 from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
+from dist_kp.storage import Storage
 
 
 def join(root: str, path: str) -> str:
@@ -21,8 +19,9 @@ def join(root: str, path: str) -> str:
     return f"{root.rstrip('/')}/{path}"
 
 
-def _configure_worker_storage(options: dict[str, Any], timeout_s: float, worker_id: int) -> None:
-    storage.configure(options, timeout_s)
+def data_storage(cfg: Config) -> Storage:
+    """The Storage every data read of this config goes through: the config's `storage` section."""
+    return Storage.from_config(cfg.storage)
 
 
 def _loader_options(cfg: Config, device: torch.device) -> dict:
@@ -31,37 +30,32 @@ def _loader_options(cfg: Config, device: torch.device) -> dict:
                # Worker seeds come from this generator, not the global RNG that checkpoints restore.
                "generator": torch.Generator().manual_seed(cfg.train.seed)}
     if workers > 0:
-        options.update(
-            persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor,
-            # Workers started by spawn/forkserver do not inherit the storage options set in this process.
-            worker_init_fn=functools.partial(_configure_worker_storage, dict(cfg.storage.options),
-                                             cfg.storage.timeout_s),
-        )
+        options.update(persistent_workers=True, prefetch_factor=cfg.data.prefetch_factor)
     return options
 
 
 def train_index(cfg: Config) -> KeypointIndex:
     """The training index from the node's cache, with the positions that pass data.min_visible_keypoints."""
-    return cached_index(join(cfg.data.root, cfg.data.train_annotations), cfg.data.cache_dir,
+    return cached_index(join(cfg.data.root, cfg.data.train_annotations), data_storage(cfg), cfg.data.cache_dir,
                         cfg.data.min_visible_keypoints)
 
 
 def val_index(cfg: Config) -> KeypointIndex:
     """The validation index from the node's cache (every image kept)."""
-    return cached_index(join(cfg.data.root, cfg.data.val_annotations), cfg.data.cache_dir)
+    return cached_index(join(cfg.data.root, cfg.data.val_annotations), data_storage(cfg), cfg.data.cache_dir)
 
 
 def build_train_loader(
     cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device
 ) -> tuple[torch.utils.data.DataLoader, GroupedDistributedBatchSampler]:
     dataset = KeypointDataset(
-        index, join(cfg.data.root, cfg.data.train_images), train=True,
+        index, join(cfg.data.root, cfg.data.train_images), data_storage(cfg), train=True,
         min_visible_keypoints=cfg.data.min_visible_keypoints, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
     )
     if len(dataset) < world_size:
         raise ValueError(
-            f"{index.source}: {len(dataset)} training images left after filtering "
-            f"(data.min_visible_keypoints={cfg.data.min_visible_keypoints}), fewer than {world_size} processes"
+            f"{index.source}: fewer training images than the {world_size} processes after filtering "
+            f"({training_filter(index, cfg.data.min_visible_keypoints).describe()})"
         )
     sampler = GroupedDistributedBatchSampler(
         dataset.aspect_ratios, cfg.train.batch_size, num_replicas=world_size, rank=rank,
@@ -75,7 +69,7 @@ def build_eval_loader(
     cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device
 ) -> torch.utils.data.DataLoader:
     """This rank's images of the validation set, each image on exactly one rank."""
-    dataset = KeypointDataset(index, join(cfg.data.root, cfg.data.val_images), train=False)
+    dataset = KeypointDataset(index, join(cfg.data.root, cfg.data.val_images), data_storage(cfg), train=False)
     count = len(dataset) if cfg.eval.max_images is None else min(cfg.eval.max_images, len(dataset))
     shard = torch.utils.data.Subset(dataset, eval_shard(count, rank, world_size))
     options = _loader_options(cfg, device)
