@@ -11,6 +11,7 @@ options off the allow list, read `<redacted>`.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +38,8 @@ COCO_KEYPOINT_SIGMAS = [
     0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89,
 ]
 
+log = logging.getLogger(__name__)
+
 # Where each section's credentials come from instead (the config refuses them).
 CREDENTIAL_SOURCES = {
     "tracking": "set WANDB_API_KEY in the environment or run `wandb login`",
@@ -45,8 +48,9 @@ CREDENTIAL_SOURCES = {
 }
 # Keys of earlier versions, refused with the key that replaced them (no silent aliasing).
 MOVED_KEYS = {
-    ("checkpoint", "storage_options"): "storage.options",
-    ("checkpoint", "timeout_s"): "storage.timeout_s",
+    ("checkpoint", "storage_options"): ("storage.options", "one storage section for data reads and outputs"),
+    ("checkpoint", "timeout_s"): ("storage.timeout_s", "one storage section for data reads and outputs"),
+    ("train", "amp"): ("train.precision", "fp32, fp16 or bf16; amp: true was fp16"),
 }
 
 
@@ -192,7 +196,10 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many global steps (smoke runs).")
     workers: int = Field(4, ge=0, description="Data-loader worker processes per rank.")
     seed: int = Field(0, ge=0, description="Seed of data order, augmentation and initialisation.")
-    amp: bool = Field(False, description="Mixed precision (CUDA only; ignored on CPU).")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="fp32; bf16: autocast, no GradScaler (A100/H100, CPU); fp16: autocast with GradScaler "
+        "(V100/T4; CUDA only). Training and evaluation alike."
+    )
     log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available (NCCL), else cpu (gloo)."
@@ -228,6 +235,10 @@ class CheckpointConfig(Section):
     """Checkpoints under output_dir/checkpoints/ and how a run resumes."""
 
     every_steps: int = Field(500, ge=1, description="Global steps between periodic checkpoints.")
+    every_minutes: float | None = Field(
+        None, gt=0.0, description="Also checkpoint once this many minutes passed since the last checkpoint (rank 0's "
+        "clock; every rank saves at the same step). null: by steps only."
+    )
     keep_last: int = Field(3, ge=1, description="Newest checkpoints kept (the one resumed from is kept too).")
     keep_every_epochs: int | None = Field(None, ge=1, description="Also keep the end-of-epoch checkpoint every K.")
     resume: str = Field("auto", description="auto (newest valid), none (fresh start), or a checkpoint URL/path.")
@@ -237,7 +248,7 @@ class CheckpointConfig(Section):
 
 
 class TrackingConfig(Section):
-    """Weights & Biases tracking on rank 0. The API key comes from the environment or `wandb login`."""
+    """Weights & Biases and TensorBoard tracking on rank 0. The W&B API key comes from the environment or `wandb login`."""
 
     mode: Literal["disabled", "offline", "online"] = Field(
         "disabled", description="online: stream to W&B; offline: write locally for `wandb sync`; disabled: off."
@@ -248,6 +259,10 @@ class TrackingConfig(Section):
     group: str | None = Field(None, description="W&B run group.")
     tags: list[str] = Field(default_factory=list, description="W&B run tags.")
     notes: str | None = Field(None, description="W&B run notes.")
+    tensorboard: bool = Field(
+        False, description="Also write TensorBoard event files to OUTPUT_DIR/tensorboard/ (the scalars W&B gets); "
+        "for an object-store output_dir, written locally and uploaded at checkpoints and at the end."
+    )
 
 
 class Config(Section):
@@ -272,12 +287,12 @@ class Config(Section):
             milestones = self.schedule.milestones
             if sorted(milestones) != milestones:
                 raise ValueError(f"schedule.milestones must be increasing, got {milestones}")
-            late = [m for m in milestones if m < 1 or m >= self.train.epochs]
-            if late:
-                raise ValueError(
-                    f"schedule.milestones {late} must lie in [1, train.epochs={self.train.epochs}); "
-                    "a milestone at or past the last epoch never applies"
-                )
+            if any(m < 1 for m in milestones):
+                raise ValueError(f"schedule.milestones must be epochs >= 1, got {milestones}")
+            late = [m for m in milestones if m >= self.train.epochs]
+            if late:  # as torch's MultiStepLR: a short run (train.epochs=2) needs no second override
+                log.warning("schedule.milestones %s: at or past the last epoch (train.epochs=%d), never applied; "
+                            "ignored", late, self.train.epochs)
         return self
 
 
@@ -319,9 +334,9 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _moved_keys(raw: dict[str, Any]) -> list[tuple[str, str]]:
-    """(old key, new key) for each key of an earlier version in `raw`."""
-    return [(".".join(old), new) for old, new in MOVED_KEYS.items()
+def _moved_keys(raw: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(old key, new key, why) for each key of an earlier version in `raw`."""
+    return [(".".join(old), new, why) for old, (new, why) in MOVED_KEYS.items()
             if isinstance(raw.get(old[0]), dict) and old[1] in raw[old[0]]]
 
 
@@ -336,8 +351,7 @@ def _show_override(item: str) -> str:
 
 def _refused_keys(raw: dict[str, Any]) -> list[str]:
     """Error lines for keys no config may hold: moved ones and credentials (never their values)."""
-    lines = [f"  {old}: moved to {new} (one storage section for data reads and outputs)"
-             for old, new in _moved_keys(raw)]
+    lines = [f"  {old}: moved to {new} ({why})" for old, new, why in _moved_keys(raw)]
     for path in secret_key_paths(raw):
         section = "storage" if path.startswith(("storage.", "checkpoint.storage_options.")) else path.split(".")[0]
         source = CREDENTIAL_SOURCES.get(section, "set it in the environment of the run")

@@ -6,10 +6,15 @@ every helper here then works locally, so there is no separate non-distributed co
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import re
+import socket
 import subprocess
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,15 +76,31 @@ def _launched_by_srun() -> bool:
     return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and "RANK" not in os.environ
 
 
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device of a worker among the `visible` ones: its local rank, or 0 when it was given one device.
+
+    A launcher that narrows CUDA_VISIBLE_DEVICES to one device per task (srun --gpus-per-task=1,
+    submitit's export by default) leaves every worker its own GPU as device 0.
+    """
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise LaunchError(f"LOCAL_RANK={local_rank} but this process sees {visible} CUDA devices "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                          "one worker per GPU")
+    return local_rank
+
+
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """cpu, or cuda:local_rank (made the current device) for "cuda" and for "auto" on a host with CUDA."""
+    """cpu, or this worker's CUDA device (made the current device) for "cuda" and for "auto" on a host with CUDA."""
     # SLURM sets CUDA_VISIBLE_DEVICES even on nodes without GPUs; trust torch, not the env.
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise LaunchError(f"device {requested!r} asked for, but torch.cuda.is_available() is False on this host")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    index = cuda_device_index(local_rank, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def _torchrun_attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
@@ -134,6 +155,51 @@ def launcher_ranks() -> tuple[int, int, int]:
     return rank, world_size, local_rank
 
 
+@dataclass
+class _Collectives:
+    """Where this process's collectives stand, for the message when one times out."""
+
+    timeout_s: int = 1800
+    step: int | None = None  # the training step in progress, told by the trainer
+
+
+_COLLECTIVES = _Collectives()
+# gloo: "Timed out waiting 30000ms for recv operation"; NCCL's watchdog: "collective operation timeout".
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def training_step(step: int) -> None:
+    """The training step whose collectives follow (named when one of them times out)."""
+    _COLLECTIVES.step = step
+
+
+@contextlib.contextmanager
+def _collective(name: str) -> Iterator[None]:
+    """Name the collective on the error it raises (read by collective_timeout)."""
+    try:
+        yield
+    except RuntimeError as error:
+        error.dist_kp_collective = name  # type: ignore[attr-defined]
+        raise
+
+
+def collective_timeout(error: BaseException) -> str | None:
+    """The log line for a collective that waited train.dist_timeout_s for a rank that stopped answering.
+
+    None for any other error. The collective is the dist_kp helper that raised, else DDP's
+    gradient all_reduce when the error came out of a backward pass.
+    """
+    if not isinstance(error, RuntimeError) or not _TIMED_OUT.search(str(error)):
+        return None
+    in_backward = "backward" in [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+    name = getattr(error, "dist_kp_collective", None) or ("all_reduce (DDP gradients)" if in_backward else None)
+    if name is None and not isinstance(error, dist.DistBackendError):
+        return None  # a timeout of something else (a data loader, a file system)
+    where = f"at step {_COLLECTIVES.step}" if _COLLECTIVES.step is not None else "before the first training step"
+    return (f"rank {get_rank()}: collective {name or 'of the process group'} {where} timed out after "
+            f"{_COLLECTIVES.timeout_s} s (a rank stopped answering)")
+
+
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group described by the environment (torchrun, srun) or run alone.
 
@@ -142,6 +208,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if _launched_by_srun():
         _env_from_slurm()
     rank, world_size, local_rank = launcher_ranks()
+    _COLLECTIVES.timeout_s = timeout_s
     torch_device = pick_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -156,6 +223,7 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
             timeout=timeout,
             device_id=torch_device if torch_device.type == "cuda" else None,
         )
+        _RANK_HOSTS[:] = all_gather_objects(_host_addresses())
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
 
 
@@ -177,7 +245,8 @@ def is_main_process() -> bool:
 
 def barrier() -> None:
     if is_distributed():
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()
 
 
 def _collective_device() -> torch.device:
@@ -191,7 +260,8 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     names = sorted(values)
     stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(_collective_device())
     if is_distributed():
-        dist.all_reduce(stacked)
+        with _collective("all_reduce"):
+            dist.all_reduce(stacked)
         stacked /= get_world_size()
     return dict(zip(names, stacked.tolist()))
 
@@ -201,7 +271,8 @@ def any_rank(flag: bool) -> bool:
     if not is_distributed():
         return flag
     tensor = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    with _collective("all_reduce"):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item() > 0)
 
 
@@ -211,7 +282,8 @@ def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
         return [obj]
     out: list[Any] | None = [None] * get_world_size() if get_rank() == dst else None
     # `dst` keeps its own object as it is: gather_object would pickle and unpickle it too.
-    dist.gather_object(None if out is not None else obj, out, dst=dst)
+    with _collective("gather_object"):
+        dist.gather_object(None if out is not None else obj, out, dst=dst)
     if out is not None:
         out[dst] = obj
     return out
@@ -221,7 +293,8 @@ def all_gather_objects(obj: Any) -> list[Any]:
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    with _collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -229,20 +302,81 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _collective("broadcast_object_list"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Give every rank `src`'s buffers (BatchNorm running stats drift apart after the last forward)."""
     if is_distributed():
-        for buffer in module.buffers():
-            dist.broadcast(buffer.data, src=src)
+        with _collective("broadcast"):
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=src)
 
 
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+# (hostname, addresses) of every rank, gathered when the process group starts: a collective that
+# fails because a peer is gone names only the peer's address ("Connection closed by peer [ip]:port").
+_RANK_HOSTS: list[tuple[str, list[str]]] = []
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Za-z.:%_-]+)\]:\d+")
+_PEER_GONE = re.compile(r"by peer|Connection refused|Broken pipe|Connection closed|Socket closed", re.IGNORECASE)
+
+
+def _interface_address(name: str) -> str | None:
+    """IPv4 address of a network interface (GLOO_SOCKET_IFNAME), Linux only."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+        return socket.inet_ntoa(packed[20:24])
+    except OSError:
+        return None
+
+
+def _host_addresses() -> tuple[str, list[str]]:
+    """This host's name and the addresses its peers may know it by (gloo: GLOO_SOCKET_IFNAME's, else the name's)."""
+    host = socket.gethostname()
+    addresses = set()
+    try:
+        addresses.update(info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP))
+    except OSError:
+        pass
+    for name in filter(None, os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")):
+        addresses.add(_interface_address(name) or "")
+    return host, sorted(a for a in addresses if a)
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """'rank 1 (host hostb, 10.1.2.3) lost ...' for a collective's error that names a gone peer's address."""
+    message = str(error)
+    match = _PEER_ADDRESS.search(message)
+    if not match or not _PEER_GONE.search(message) or not _RANK_HOSTS:
+        return None
+    address = match.group(1)
+    ranks = [rank for rank, (_, addresses) in enumerate(_RANK_HOSTS) if address in addresses]
+    if not ranks:
+        return f"the peer at {address} is gone (not an address of any rank's host)"
+    hosts = sorted({_RANK_HOSTS[rank][0] for rank in ranks})
+    return (f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} (host {', '.join(hosts)}, {address}) "
+            "lost: its process or node is gone")
+
+
+class LostPeerFilter(logging.Filter):
+    """A logged exception from a collective whose peer is gone also names that peer's rank and host."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and not getattr(record, "lost_peer", None):
+            record.lost_peer = lost_peer(record.exc_info[1])
+            if record.lost_peer:
+                record.msg = f"{record.msg}: {record.lost_peer.replace('%', '%%')}"
+        return True
 
 
 class RankFilter(logging.Filter):
@@ -256,6 +390,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     handler = logging.StreamHandler()
     handler.addFilter(RankFilter())
+    handler.addFilter(LostPeerFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s [rank%(rank)s] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

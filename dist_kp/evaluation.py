@@ -40,6 +40,7 @@ from dist_kp.config import COCO_KEYPOINT_SIGMAS, Config
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import build_eval_loader
 from dist_kp.model import unwrap
+from dist_kp.precision import autocast
 from dist_kp.run_folder import EVAL_METRICS, EVAL_RESULTS, RunFolder
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,8 @@ def outputs_to_results(
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device,
-            category_id: int) -> list[dict[str, Any]]:
-    """This rank's COCO result records for every image of its loader (eval mode, no grad)."""
+            category_id: int, precision: str = "fp32") -> list[dict[str, Any]]:
+    """This rank's COCO result records for every image of its loader (eval mode, no grad, autocast to `precision`)."""
     was_training = model.training
     model.eval()
     records: list[dict[str, Any]] = []
@@ -148,8 +149,10 @@ def predict(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch
         for images, targets, _ in loader:
             # One image per forward: batching pads images to a common size, which changes the
             # predictions, and the batches of a shard depend on the world size.
-            outputs = [model([image.to(device, non_blocking=device.type == "cuda").float().div_(255.0)])[0]
-                       for image in images]
+            with autocast(precision, device):
+                outputs = [model([image.to(device, non_blocking=device.type == "cuda").float().div_(255.0)])[0]
+                           for image in images]
+            outputs = [{k: v.float() if v.is_floating_point() else v for k, v in o.items()} for o in outputs]
             records += outputs_to_results(outputs, [int(t["image_id"]) for t in targets], category_id)
     finally:
         model.train(was_training)
@@ -477,7 +480,7 @@ def evaluate_model(model: nn.Module, cfg: Config, index: KeypointIndex, device: 
     """
     loader = build_eval_loader(cfg, index, distributed.get_rank(), distributed.get_world_size(), device)
     positions = np.asarray(loader.dataset.indices, np.int64)
-    results = predict(unwrap(model), loader, device, index.meta.category_id)
+    results = predict(unwrap(model), loader, device, index.meta.category_id, cfg.train.precision)
     output = evaluate_distributed(index, positions, results, cfg.eval.backend, cfg.eval.sigmas, cfg.eval.keypoint_area)
     if distributed.is_main_process():
         folder = write_outputs(RunFolder.for_config(cfg), step, output)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +56,11 @@ class Hook:
 
 
 class CheckpointHook(Hook):
-    """Checkpoint every `every_steps` steps, at every epoch end and at the end (collective; rank 0 writes)."""
+    """Checkpoint every `every_steps` steps, every `every_minutes`, at every epoch end and at the end.
+
+    Saving is collective (rank 0 writes). For `every_minutes` rank 0's clock decides and one
+    tiny all-reduce per step tells every rank, so that all of them save at the same step.
+    """
 
     def __init__(self, store: CheckpointStore, state: RunState, cfg: CheckpointConfig,
                  on_started: SaveListener | None = None, on_saved: SaveListener | None = None) -> None:
@@ -65,6 +70,14 @@ class CheckpointHook(Hook):
         self.on_started = on_started
         self.on_saved = on_saved
         self.last_saved_step = -1
+        self.last_saved_time = time.monotonic()
+
+    def _minutes_passed(self) -> bool:
+        """True on every rank once every_minutes passed on rank 0 since the last save (a collective)."""
+        if self.cfg.every_minutes is None:
+            return False
+        elapsed = time.monotonic() - self.last_saved_time
+        return distributed.any_rank(distributed.is_main_process() and elapsed >= 60.0 * self.cfg.every_minutes)
 
     def save(self, trainer: Trainer, epoch_end: bool = False, wait: bool = False) -> None:
         """Checkpoint the current step (once per step); `wait` blocks until it is stored."""
@@ -74,18 +87,21 @@ class CheckpointHook(Hook):
             if distributed.is_main_process():
                 self.store.save(step, snapshot, self.on_started, self.on_saved)
             self.last_saved_step = step
+            self.last_saved_time = time.monotonic()
         if wait and distributed.is_main_process():
             self.store.wait()
 
     def before_train(self, trainer: Trainer) -> None:
         # The step resumed from is stored already.
         self.last_saved_step = trainer.progress.step if trainer.progress.step else -1
+        self.last_saved_time = time.monotonic()
 
     def after_step(self, trainer: Trainer) -> None:
         if distributed.is_main_process():
             self.store.raise_pending()  # a failed background save stops training at the next step
         # An epoch's last step is saved next, as the epoch end (kept by keep_every_epochs), not here.
-        if trainer.progress.step % self.cfg.every_steps == 0 and not trainer.epoch_complete:
+        due = trainer.progress.step % self.cfg.every_steps == 0 or self._minutes_passed()
+        if due and not trainer.epoch_complete:
             self.save(trainer)
 
     def after_epoch(self, trainer: Trainer) -> None:

@@ -3,8 +3,9 @@
 usage:
   python -m dist_kp.report OUTPUT_DIR [--out DIR]
 
-Reads OUTPUT_DIR/metrics.jsonl and OUTPUT_DIR/eval/<step>/metrics.json (a local path or any
-fsspec URL such as s3://bucket/runs/exp1) and writes to DIR (default OUTPUT_DIR/report):
+Reads the training records (OUTPUT_DIR/metrics.jsonl, on an object store its segments
+metrics/part-<n>.jsonl) and OUTPUT_DIR/eval/<step>/metrics.json (a local path or any fsspec URL
+such as s3://bucket/runs/exp1) and writes to DIR (default OUTPUT_DIR/report):
   losses.png       every loss term over the global step (each record, and its running mean)
   lr.png           the learning rate
   throughput.png   images/s, data-loading time and max memory

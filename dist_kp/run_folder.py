@@ -2,12 +2,14 @@
 
     OUTPUT_DIR/
       config.yaml                  the resolved config (train, at every start)
-      metrics.jsonl                one record per logged step (tracking, rank 0)
+      metrics.jsonl                one record per logged step (tracking, rank 0), on a local disk
+      metrics/part-<n>.jsonl       the same records on an object store, in segments written once (MetricsFile)
       tracking.json                the W&B run id of this output_dir (tracking)
       checkpoints/step_<step>/     state.pt, manifest.json (the manifest last: CheckpointStore)
       eval/<step>/                 results.json, metrics.json, predictions.png (evaluation, tracking)
       model_final.pt               weights and what inference needs (train, at the end)
       report/                      PNG plots: losses, lr, throughput, ap, predictions (report)
+      tensorboard/                 TensorBoard event files, events.out.tfevents.* (tracking.tensorboard, rank 0)
 
 Every write goes through the storage's whole-or-nothing writer, except metrics.jsonl on a local
 disk, which is appended line by line (a cut last line is dropped when it is read).
@@ -28,11 +30,13 @@ if TYPE_CHECKING:
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
+METRICS_SEGMENTS = "metrics"
 TRACKING = "tracking.json"
 MODEL_FINAL = "model_final.pt"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 REPORT = "report"
+TENSORBOARD = "tensorboard"
 
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_MANIFEST = "manifest.json"
@@ -45,12 +49,15 @@ log = logging.getLogger(__name__)
 _TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARK)}(\d+)")
 _CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
 _EVAL_NAME = re.compile(r"\d{8,}")
+_METRICS_SEGMENT_NAME = re.compile(r"part-(\d{6,})\.jsonl")
 # Every relative path the run folder may hold; the regular expressions are anchored.
 _KNOWN = [
     re.escape(CONFIG), re.escape(METRICS), re.escape(TRACKING), re.escape(MODEL_FINAL),
+    rf"{METRICS_SEGMENTS}/{_METRICS_SEGMENT_NAME.pattern}",
     rf"{CHECKPOINTS}/{_CHECKPOINT_NAME.pattern}/({re.escape(CHECKPOINT_STATE)}|{re.escape(CHECKPOINT_MANIFEST)})",
     rf"{EVAL}/{_EVAL_NAME.pattern}/({'|'.join(map(re.escape, (EVAL_RESULTS, EVAL_METRICS, EVAL_PICTURES)))})",
     rf"{REPORT}/[a-z_]+\.png",  # the plots of dist_kp.report, and the newest predictions.png
+    rf"{TENSORBOARD}/events\.out\.tfevents\.[^/]+",  # one file per writer: <time>.<host>.<pid>.<n>
 ]
 
 
@@ -61,6 +68,16 @@ def checkpoint_name(step: int) -> str:
 def checkpoint_step(name: str) -> int | None:
     """The step of a checkpoint folder name (`step_00001200` -> 1200), None for anything else."""
     match = _CHECKPOINT_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def metrics_segment_name(number: int) -> str:
+    return f"part-{number:06d}.jsonl"
+
+
+def metrics_segment_number(name: str) -> int | None:
+    """The number of a metrics segment name (`part-000012.jsonl` -> 12), None for anything else."""
+    match = _METRICS_SEGMENT_NAME.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
@@ -118,6 +135,17 @@ class RunFolder:
         return self.join(METRICS)
 
     @property
+    def metrics_segments(self) -> str:
+        return self.join(METRICS_SEGMENTS)
+
+    def metrics_segment(self, number: int) -> str:
+        return self.join(METRICS_SEGMENTS, metrics_segment_name(number))
+
+    def metrics_segment_numbers(self) -> list[int]:
+        """Numbers of the stored metrics segments, oldest first."""
+        return self._listed_steps(self.metrics_segments, metrics_segment_number)
+
+    @property
     def tracking(self) -> str:
         return self.join(TRACKING)
 
@@ -141,6 +169,10 @@ class RunFolder:
     def report_folder(self) -> str:
         return self.join(REPORT)
 
+    @property
+    def tensorboard(self) -> str:
+        return self.join(TENSORBOARD)
+
     def write(self, url: str, data: bytes | memoryview) -> None:
         """Store a file of this run whole or not at all (errors name the URL)."""
         self.storage.write(url, data)
@@ -158,6 +190,7 @@ class RunFolder:
     def _listed_steps(self, folder: str, parse) -> list[int]:
         with self.storage.named_errors(folder):
             fs, path = self.storage.url_to_fs(folder)
+            fs.invalidate_cache(path)  # another writer (or this process, through another client) changed it
             if not fs.exists(path):
                 return []
             names = [_base(p) for p in fs.ls(path, detail=False)]

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Config keys that make a run what it is: a checkpoint written under other values is another run.
-IDENTITY_KEYS = ("model.", "train.seed")
+# The model, the training set and what its epochs are made of (seed, batch size, grouping).
+IDENTITY_KEYS = ("model.", "train.seed", "train.batch_size", "data.root", "data.train_annotations",
+                 "data.train_images", "data.min_visible_keypoints", "data.aspect_ratio_group_factor")
 # Where the model's starting weights came from no longer matters once a checkpoint holds them.
 NOT_IDENTITY = ("model.weights", "model.backbone_weights")
 
@@ -116,7 +118,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
 
 
 def identity_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:
-    """The changed keys that make it another run (model architecture, seed)."""
+    """The changed keys that make it another run (IDENTITY_KEYS); every other change is applied on resume."""
     return [k for k in changes if k.startswith(IDENTITY_KEYS) and not k.startswith(NOT_IDENTITY)]
 
 
@@ -177,8 +179,10 @@ class RunState:
         missing = [name for name in self.parts if name not in state]
         if missing:
             raise ResumeError(f"{source} holds no {', '.join(missing)}: it was not written by this version of dist_kp")
-        for key, (old, new) in changes.items():
-            log.info("config changed since %s: %s %r -> %r", source, key, old, new)
+        if distributed.is_main_process():
+            step = state.get("progress", {}).get("step")
+            for key, (old, new) in changes.items():
+                log.info("config changed since %s: %s %r -> %r, applied from step %s on", source, key, old, new, step)
 
     def restore(self, state: dict[str, Any], source: str) -> None:
         """Load a snapshot into the live objects; each rank takes its own RNG states."""
@@ -190,7 +194,7 @@ class RunState:
             set_rng_state(state["rng"][rank])
         else:
             log.warning("%s was saved by %d processes, now %d: random states restart from the seed (the data "
-                        "order per rank changes too)", source, saved_world, distributed.get_world_size())
+                        "order stays exact)", source, saved_world, distributed.get_world_size())
 
     def resume(self, store: CheckpointStore) -> Resumed | None:
         """Every rank loads the checkpoint rank 0 chose (checkpoint.resume); None: a fresh start."""

@@ -217,6 +217,7 @@ class Tracker(NoTracking):
         Logged at hand-off, not when the upload ends, so that every checkpoint has its row even when
         several uploads end between two logged steps.
         """
+        self.metrics.checkpoint_started(step)
         self._log({"checkpoint/step": step, "checkpoint/url": url}, step)
 
     def checkpoint_saved(self, step: int, url: str) -> None:
@@ -265,7 +266,8 @@ class Tracker(NoTracking):
             return []
 
     def finish(self, preempted: bool = False) -> None:
-        """Close the W&B run (marked preempting when the job stops to be requeued)."""
+        """Store the waiting records; close the W&B run (marked preempting when the job stops to be requeued)."""
+        self.metrics.flush()
         newest = self._newest_stored()
         if self.run is None:
             return

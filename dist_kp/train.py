@@ -31,10 +31,12 @@ from dist_kp.distributed import LaunchError
 from dist_kp.evaluation import EvaluationError, check_sigmas, evaluate_model
 from dist_kp.hooks import CheckpointHook, EvaluationHook, FinalWeightsHook, PreemptionHook, user_hooks
 from dist_kp.model import WeightsError, build_model, unwrap, weights_payload
+from dist_kp.precision import grad_scaler
 from dist_kp.preemption import PreemptionHandler
 from dist_kp.run_folder import RunFolder
 from dist_kp.run_state import ResumeError, RunState
 from dist_kp.schedule import build_optimizer, build_scheduler
+from dist_kp.tensorboard import start_tensorboard
 from dist_kp.tracking import RunId, start_tracking
 from dist_kp.trainer import Trainer
 
@@ -81,11 +83,11 @@ def run(cfg: Config) -> int:
     model = build_model(cfg.model, index.meta.num_keypoints, folder.storage).to(info.device)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == "cuda" else None
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp and info.device.type == "cuda")
+    scaler = grad_scaler(cfg.train.precision, info.device)
     trainer = Trainer(cfg, model, optimizer, scheduler, scaler, loader, sampler, info.device)
 
     state = RunState(cfg)
@@ -105,12 +107,15 @@ def run(cfg: Config) -> int:
         log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), trainer.steps_per_epoch)
 
     preempted = PreemptionHook(preemption)
+    tensorboard = start_tensorboard(cfg, folder)
     hooks = [
         CheckpointHook(store, state, cfg.checkpoint, tracker.checkpoint_started, tracker.checkpoint_saved),
         EvaluationHook(cfg.eval, lambda step: evaluate_model(model, cfg, evaluation_index, info.device, step),
-                       lambda step, output: tracker.evaluation(step, output, evaluation_index)),
+                       lambda step, output: (tracker.evaluation(step, output, evaluation_index),
+                                             tensorboard.evaluation(step, output))),
         FinalWeightsHook(folder, lambda: weights_payload(model, cfg.model, index.meta.to_dict())),
         tracker,
+        tensorboard,
         preempted,
         *user_hooks(cfg),
     ]
@@ -138,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     except (storage.StorageError, EvaluationError, CheckpointError, ResumeError, WeightsError) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 1
-    except Exception:
+    except Exception as error:
+        timed_out = distributed.collective_timeout(error)
+        if timed_out:
+            log.error("%s", timed_out)
+            return 1
         log.exception("training failed on rank %d", distributed.get_rank())
         raise
     finally:

@@ -18,7 +18,8 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,8 @@ from torch import nn
 from dist_kp import distributed
 from dist_kp.config import Config
 from dist_kp.data.sampler import GroupedDistributedBatchSampler
+from dist_kp.precision import autocast
+from dist_kp.schedule import ProgressSchedule, apply_optim_config
 
 if TYPE_CHECKING:
     from dist_kp.hooks import Hook
@@ -37,20 +40,26 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainProgress:
-    """Where training stands: `batch` batches of `epoch` are done, `step` optimizer steps in all."""
+    """Where training stands: `batch` batches of `epoch` are done, `step` optimizer steps in all.
+
+    `earlier`: the parts of this epoch trained on other numbers of processes before, as
+    [world size, batches] each; `batch` counts the batches of the epoch's rest since then.
+    """
 
     epoch: int = 0
     batch: int = 0
     step: int = 0
+    earlier: list[list[int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step}
 
-    def state_dict(self) -> dict[str, int]:
-        return self.to_dict()
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.to_dict(), "earlier": [list(part) for part in self.earlier]}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.batch, self.step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        self.earlier = [[int(world_size), int(batches)] for world_size, batches in state.get("earlier", [])]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -120,7 +129,7 @@ class Trainer:
 
     def __init__(
         self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, loader: Iterable,
+        scheduler: ProgressSchedule, scaler: torch.amp.GradScaler, loader: Iterable,
         sampler: GroupedDistributedBatchSampler, device: torch.device,
     ) -> None:
         self.cfg = cfg
@@ -141,24 +150,39 @@ class Trainer:
         self.stop_reason: str | None = None
         # This step's training record (losses, lr, throughput) when it is a logged step, else None.
         self.log_record: dict[str, Any] | None = None
+        # This step's targets on this rank, as the loader gave them (image_id says which samples they are).
+        self.batch_targets: list[dict[str, torch.Tensor]] = []
+        scheduler.follow(self.schedule_position)
 
     def continue_from(self, resumed: Resumed) -> None:
-        """Take over a checkpoint's position; one written by another number of processes continues near it.
+        """Take over a checkpoint's position; from it on, the config's optimizer values apply.
 
-        The epoch's position is then the same number of samples, rounded down to this world
-        size's batches: exact continuation needs the same world size.
+        A checkpoint written by another number of processes continues its epoch exactly: the
+        part trained so far becomes (its world size, batches) in progress.earlier, from which
+        the sampler knows the samples it consumed; the epoch goes on with the others.
         """
-        world_size = distributed.get_world_size()
-        if resumed.world_size == world_size:
-            return
+        p, world_size = self.progress, distributed.get_world_size()
+        if resumed.world_size != world_size and p.batch:
+            p.earlier.append([resumed.world_size, p.batch])
+            p.batch = 0
+        self.sampler.set_epoch(p.epoch, start_batch=p.batch, earlier=p.earlier)
+        apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
+        later_epochs = (self.cfg.train.epochs - p.epoch - 1) * self.steps_per_epoch
+        self.total_steps = p.step + len(self.sampler) + later_epochs
+        if self.cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.cfg.train.max_steps)
+        if resumed.world_size != world_size and distributed.is_main_process():
+            batch = self.cfg.train.batch_size
+            log.warning("resumed on %d process%s, checkpoint written by %d; continuing epoch %d at sample %s of %s "
+                        "(%d steps per process left in it; %d images per step, were %d: optim.lr is not rescaled)",
+                        world_size, "es" if world_size > 1 else "", resumed.world_size, p.epoch,
+                        f"{self.sampler.samples_done(p.batch):,}", f"{self.sampler.num_samples:,}", len(self.sampler),
+                        batch * world_size, batch * resumed.world_size)
+
+    def schedule_position(self) -> tuple[int, Fraction]:
+        """(optimizer steps done, epochs of data trained): what the LR schedule follows."""
         p = self.progress
-        samples = p.batch * self.cfg.train.batch_size * resumed.world_size
-        p.batch = min(samples // (self.cfg.train.batch_size * world_size), self.steps_per_epoch)
-        if distributed.is_main_process():
-            log.warning("resumed on %d processes, checkpoint written by %d: continuing epoch %d at batch %d of %d "
-                        "(%d samples of the epoch were done; the order of its other samples differs from an "
-                        "uninterrupted run)", world_size, resumed.world_size, p.epoch, p.batch, self.steps_per_epoch,
-                        samples)
+        return p.step, p.epoch + Fraction(self.sampler.samples_done(p.batch), self.sampler.num_samples)
 
     def register(self, hook: Hook) -> None:
         """Add a hook; hooks are called in the order they were registered."""
@@ -176,7 +200,7 @@ class Trainer:
 
     @property
     def epoch_complete(self) -> bool:
-        return self.progress.batch == self.steps_per_epoch
+        return self.progress.batch == self.sampler.batches_this_epoch
 
     def _call(self, event: str) -> None:
         for hook in self.hooks:
@@ -190,6 +214,7 @@ class Trainer:
             if self.stop_reason is None and self.epoch_complete:
                 self.progress.epoch += 1
                 self.progress.batch = 0
+                self.progress.earlier = []
                 self._call("after_epoch")
         self._call("after_train")
 
@@ -201,7 +226,7 @@ class Trainer:
         collective that also tells every rank when any rank's loss stopped being finite.
         """
         self.model.train()
-        self.sampler.set_epoch(self.progress.epoch, start_batch=self.progress.batch)
+        self.sampler.set_epoch(self.progress.epoch, start_batch=self.progress.batch, earlier=self.progress.earlier)
         meters: dict[str, SmoothedValue] = {}
         data_time, step_time = SmoothedValue(), SmoothedValue()
         start = end = time.perf_counter()
@@ -209,6 +234,7 @@ class Trainer:
         for images, targets, skipped in self.loader:
             data_time.update(time.perf_counter() - end)
             skipped_total += skipped
+            self.batch_targets = targets
             reduced = self._step(images, targets)
             for name, value in reduced.items():
                 meters.setdefault(name, SmoothedValue()).update(value)
@@ -226,8 +252,9 @@ class Trainer:
 
     def _step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step; returns the loss terms averaged over ranks."""
+        distributed.training_step(self.progress.step + 1)
         images, targets = to_device(images, targets, self.device)
-        with torch.autocast(device_type=self.device.type, enabled=self.scaler.is_enabled()):
+        with autocast(self.cfg.train.precision, self.device):
             losses = self.model(images, targets)
         loss = sum(losses.values())
         reduced = distributed.all_reduce_mean({**losses, "loss": loss})
@@ -239,9 +266,9 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
         self.progress.batch += 1
         self.progress.step += 1
+        self.scheduler.step()  # after the position moved: the lr of the next step
         return reduced
 
     def _check_finite(self, losses: dict[str, torch.Tensor], reduced: dict[str, float]) -> None:
@@ -266,7 +293,7 @@ class Trainer:
         if distributed.is_main_process():
             losses = "  ".join(f"{k} {m.smoothed:.4f} ({m.global_avg:.4f})" for k, m in sorted(meters.items()))
             log.info("epoch %d [%d/%d] step %d  eta %s  %.1f img/s  data %.3fs  lr %.6f  %s", p.epoch, p.batch,
-                     self.steps_per_epoch, p.step, eta, images_per_s, data_time.smoothed, lr, losses)
+                     self.sampler.batches_this_epoch, p.step, eta, images_per_s, data_time.smoothed, lr, losses)
             if skipped:
                 log.warning("%d unreadable or mis-sized training images skipped so far in epoch %d", skipped, p.epoch)
         return {

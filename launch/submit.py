@@ -28,6 +28,17 @@ import submitit  # noqa: E402
 log = logging.getLogger("launch.submit")
 
 
+def export_worker_environment() -> None:
+    """In a SLURM task not started by torchrun: export torch's env:// variables, every GPU of the node left visible.
+
+    submitit's export narrows CUDA_VISIBLE_DEVICES to the local rank by default, which would
+    make cuda:LOCAL_RANK invalid above rank 0; dist_kp picks the worker's device itself
+    (distributed.cuda_device_index).
+    """
+    if "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 class TrainingJob(submitit.helpers.Checkpointable):
     """One worker of the training; submitit pickles it and runs it in every task."""
 
@@ -38,8 +49,7 @@ class TrainingJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         from dist_kp import preemption, train
 
-        if "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ:
-            submitit.helpers.TorchDistributedEnvironment().export()
+        export_worker_environment()
         status = train.main(["--config", self.config, *self.overrides])
         if preemption.job_requeued():
             # The requeued job runs this again and resumes; a result now would tell submitit it is over.

@@ -48,3 +48,15 @@ class StuckStepHook(Hook):
             self.marker.write_text(str(os.getpid()))
             while True:
                 time.sleep(1)
+
+
+class SampleProbeHook(Hook):
+    """Writes the image ids of every step's batch to PROBE_DIR/samples<R>.log: `pid epoch step id,id,...`."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.path = Path(os.environ["PROBE_DIR"]) / f"samples{distributed.get_rank()}.log"
+
+    def after_step(self, trainer) -> None:
+        ids = ",".join(str(int(target["image_id"])) for target in trainer.batch_targets)
+        with self.path.open("a") as f:
+            f.write(f"{os.getpid()} {trainer.progress.epoch} {trainer.progress.step} {ids}\n")

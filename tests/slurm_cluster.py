@@ -168,3 +168,87 @@ def _wait(ready, timeout: float, message: str, root: Path) -> None:
                      [root / "daemons.log", root / "slurmctld.log", root / "slurmd.log", root / "munge" / "munged.log"]
                      if p.exists())
     raise ClusterError(f"{message} within {timeout} s; logs:\n{logs}")
+
+
+# --- Two nodes: one slurmd in each namespace host of tests/netns_hosts.py, slurmctld on host A. ---
+
+# Inside the hosts' own namespaces nothing else listens: SLURM's default ports.
+NETNS_CTLD_PORT = 6817
+NETNS_SLURMD_PORT = 6818
+
+
+def _two_node_conf(root: Path, hosts) -> str:
+    """slurm.conf for slurmctld on host A and one node per host (NodeName = the host's hostname)."""
+    one_node = _conf(root, hosts.a.hostname, NETNS_CTLD_PORT)
+    lines = [line for line in one_node.splitlines() if not line.startswith(("NodeName=", "SlurmctldHost=",
+                                                                           "SlurmdPidFile=", "SlurmdLogFile=",
+                                                                           "SlurmdSpoolDir="))]
+    lines.insert(1, f"SlurmctldHost={hosts.a.hostname}({hosts.a.address})")
+    # %n: the node's name, so the two slurmds keep their spool, pid and log files apart.
+    lines += [f"SlurmdSpoolDir={root}/slurmd-%n", f"SlurmdPidFile={root}/slurmd-%n.pid",
+              f"SlurmdLogFile={root}/slurmd-%n.log"]
+    partition = next(i for i, line in enumerate(lines) if line.startswith("PartitionName="))
+    for host in hosts.all:
+        lines.insert(partition, f"NodeName={host.hostname} NodeAddr={host.address} CPUs=16 Boards=1 SocketsPerBoard=1 "
+                                "CoresPerSocket=16 ThreadsPerCore=1 RealMemory=512000 Gres=gpu:8 State=UNKNOWN")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class NamespaceSlurmCluster(SlurmCluster):
+    """A SLURM cluster whose daemons live in namespace hosts; its commands run on host A (the head node)."""
+
+    hosts: object = None
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        result = self.hosts.a.run(list(cmd), env={**os.environ, **self.env}, timeout=timeout)
+        if check and result.returncode != 0:
+            raise ClusterError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
+
+    def logs(self) -> str:
+        paths = [self.root / "daemons.log", self.root / "slurmctld.log", *sorted(self.root.glob("slurmd-*.log"))]
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in paths if p.exists())
+
+
+def start_two_node_cluster(root: Path, hosts) -> NamespaceSlurmCluster:
+    """munged on this machine (its socket is a file both hosts reach), slurmctld and a slurmd on host A,
+    a slurmd on host B (`slurmd -N <hostname>`); waits until both nodes are idle."""
+    for tool in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"):
+        if shutil.which(tool) is None:
+            raise ClusterError(f"{tool} not found: install Debian's slurm-wlm and munge (launch/test.sh does)")
+    for sub in ("munge", "slurmctld", "fakegpu"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "munge", 0o755)
+    for i in range(8):
+        link = root / "fakegpu" / f"gpu{i}"
+        if not link.exists():
+            link.symlink_to("/dev/null")
+    (root / "slurm.conf").write_text(_two_node_conf(root, hosts))
+    (root / "gres.conf").write_text("AutoDetect=off\n" + "".join(
+        f"NodeName={host.hostname} Name=gpu File={root}/fakegpu/gpu[0-7]\n" for host in hosts.all))
+    (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemdOnFailure=yes\n")
+    cluster = NamespaceSlurmCluster(root, env={"SLURM_CONF": str(root / "slurm.conf")}, hosts=hosts)
+    env = {**os.environ, **cluster.env}
+    logs = open(root / "daemons.log", "ab")
+    try:
+        cluster.processes.append(subprocess.Popen(
+            ["munged", "--foreground", "--force", f"--socket={root}/munge/munge.socket.2",
+             f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munge.seed",
+             f"--log-file={root}/munge/munged.log"], stdout=logs, stderr=logs, env=env))
+        _wait(lambda: (root / "munge" / "munge.socket.2").exists(), 20, "munged did not create its socket", root)
+        cluster.processes.append(hosts.a.popen(["slurmctld", "-D", "-i"], env=env, stdout=logs, stderr=logs))
+        _wait(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 30,
+              "slurmctld did not answer scontrol ping", root)
+        for host in hosts.all:
+            (root / f"slurmd-{host.hostname}").mkdir(exist_ok=True)
+            cluster.processes.append(host.popen(["slurmd", "-D", "-N", host.hostname], env=env, stdout=logs,
+                                                stderr=logs))
+        _wait(lambda: cluster.run("sinfo", "-h", "-o", "%t %D", check=False).stdout.split() == ["idle", "2"], 60,
+              "the two nodes did not become idle", root)
+    except BaseException as error:
+        cluster.stop()
+        if isinstance(error, ClusterError):
+            raise ClusterError(f"{error}\n{cluster.logs()}") from None
+        raise
+    return cluster

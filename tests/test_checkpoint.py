@@ -278,7 +278,7 @@ def test_s3_kill_and_resume_ends_identical_and_leaks_no_secret(s3_server, straig
     assert ACCESS_KEY not in log + result.stderr and SECRET_KEY not in log + result.stderr
     local_copy = tmp_path / "downloaded"
     s3_server.filesystem().get(f"{bucket}/run", str(local_copy), recursive=True)
-    assert (local_copy / "config.yaml").exists() and (local_copy / "metrics.jsonl").exists()
+    assert (local_copy / "config.yaml").exists() and list((local_copy / "metrics").glob("part-*.jsonl"))
     assert secrets_in_tree(local_copy) == []
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dist_kp.config import ConfigError, load_config
-from tests.conftest import REPO, TINY_CONFIG, check, run_module
+from tests.conftest import REPO, TINY_CONFIG, check, run_module, tiny_overrides
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -33,7 +33,7 @@ def test_wrong_type_is_refused_naming_key(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "override, key",
     [("optim.lr=-0.1", "optim.lr"), ("train.batch_size=0", "train.batch_size"),
-     ("schedule.milestones=[3,50]", "schedule.milestones")],
+     ("schedule.milestones=[3,2]", "schedule.milestones"), ("schedule.milestones=[0,3]", "schedule.milestones")],
 )
 def test_impossible_values_are_refused(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -41,6 +41,16 @@ def test_impossible_values_are_refused(override: str, key: str) -> None:
     source, *problems = str(error.value).splitlines()
     assert str(TINY_CONFIG) in source  # the first line names the file (and repeats the overrides)
     assert any(key in line for line in problems), problems  # the error itself names the key
+
+
+def test_milestone_past_the_last_epoch_is_a_warning_and_the_run_trains(tmp_path: Path, synthetic_root: Path) -> None:
+    # The tiny config's milestones are [8]: a two-epoch run needs no second override.
+    result = check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, tmp_path / "run", "train.epochs=2", "train.max_steps=2", "train.workers=0",
+        "eval.every_epochs=0", "eval.at_end=false")]))
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "schedule.milestones" in line]
+    assert len(warnings) == 1 and "[8]" in warnings[0] and "train.epochs=2" in warnings[0], result.stderr[-3000:]
+    assert "training finished at step 2" in result.stderr
 
 
 def test_overrides_apply_on_top_of_the_file() -> None:

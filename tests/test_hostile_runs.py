@@ -158,11 +158,14 @@ def test_resuming_mid_epoch_on_another_number_of_processes_continues_with_a_warn
     synthetic_root: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    # 1 process: 12 steps per epoch; stopped at step 8, mid-epoch. 2 processes: 6 steps per epoch.
+    # 1 process: 12 steps per epoch; stopped at step 8, mid-epoch: 32 of 48 samples trained. 2 processes
+    # train the other 16 in 2 steps (epoch 0 ends at step 10), then 6 steps per epoch.
     check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=8")))
     result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=12"), nproc=2))
-    assert "resumed on 2 processes, checkpoint written by 1: continuing epoch 0 at batch 4 of 6" in result.stderr
-    assert "training finished at step 12" in result.stderr
+    assert ("resumed on 2 processes, checkpoint written by 1; continuing epoch 0 at sample 32 of 48 (2 steps per "
+            "process left in it; 8 images per step, were 4: optim.lr is not rescaled)") in result.stderr
+    assert "epoch 0 [2/2] step 10" in result.stderr
+    assert "training finished at step 12 (epoch 1)" in result.stderr
 
 
 def test_resuming_with_another_model_config_names_the_checkpoint_and_the_keys(four_steps: Path,

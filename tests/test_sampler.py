@@ -122,3 +122,42 @@ def test_training_with_a_batch_larger_than_the_training_set_stops_at_once_naming
 def test_eval_shards_cover_each_sample_exactly_once(world_size: int) -> None:
     served = [i for rank in range(world_size) for i in eval_shard(17, rank, world_size)]
     assert sorted(served) == list(range(17))
+
+
+# Parts of an epoch trained before, as (world size, batches), and the world size that trains the rest.
+CONTINUATIONS = [([(2, 3)], 3), ([(4, 1), (1, 5), (3, 1)], 2), ([(3, 0)], 2), ([(1, 25)], 4), ([(2, 13)], 3),
+                 ([(2, 5), (2, 3)], 1), ([(8, 3)], 8)]
+
+
+@pytest.mark.parametrize("earlier, world_size", CONTINUATIONS)
+def test_an_epoch_continued_on_other_numbers_of_processes_trains_each_sample_once(earlier, world_size) -> None:
+    epoch, served, last_batches, remainder = 2, [], [], 0
+    for i, (world, batches) in enumerate([*earlier, (world_size, None)]):
+        steps, before = set(), len(set(served))
+        for s in samplers(world):
+            s.set_epoch(epoch, earlier=earlier[:i])
+            assert s.samples_done(0) == before
+            rest = indices(s)
+            part = rest[:batches]
+            steps.add(len(part))
+            served += [idx for batch in part for idx in batch]
+            if len(part) == len(rest):  # this part ended the epoch: its last batches hold the remainder
+                last_batches += rest[-1:]
+                assert s.samples_done(len(part)) == len(RATIOS)
+        assert len(steps) == 1  # every rank trains the same number of steps
+        if len(part) == len(rest):
+            remainder += s.batches_this_epoch * world * s.batch_size - len(s.remaining)
+    counts = np.bincount(served, minlength=len(RATIOS))
+    assert counts.min() == 1  # none dropped
+    # Repeats only top up each rank's last batch: the documented remainder.
+    assert counts.sum() - len(RATIOS) == remainder
+    assert set(np.flatnonzero(counts > 1).tolist()) <= {idx for batch in last_batches for idx in batch}
+
+
+def test_the_rest_of_an_epoch_resumes_at_batch_k_on_the_same_processes() -> None:
+    full, resumed = samplers(3)[1], samplers(3)[1]
+    full.set_epoch(1, earlier=[(2, 4)])
+    resumed.set_epoch(1, start_batch=2, earlier=[(2, 4)])
+    assert indices(resumed) == indices(full)[2:] and len(resumed) == len(full) - 2
+    with pytest.raises(ValueError, match="past that part"):
+        full.set_epoch(1, earlier=[(2, full.batches_per_epoch + 30)])

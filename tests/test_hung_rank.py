@@ -1,0 +1,87 @@
+"""A rank that stops answering ends the job in bounded time; time-based checkpoints land on one step for all ranks."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+from dist_kp.run_folder import RunFolder
+from tests.conftest import TINY_CONFIG, check, descendants, kill_tree, run_module, start_module, tiny_overrides
+
+TIMEOUT_S = 20
+# Past the collective timeout: gloo noticing it, the error's log line, the process exiting (2 busy cores).
+MARGIN_S = 20
+# torchrun then waits this long for the stopped worker to answer SIGTERM before it kills it.
+TORCHRUN_STOP_GRACE_S = 30
+NO_EVAL = ("eval.every_epochs=0", "eval.at_end=false", "train.workers=0")
+
+
+def worker_of_rank(launcher_pid: int, rank: int) -> int:
+    for pid in descendants(launcher_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"dist_kp.train" in cmdline and f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} below {launcher_pid}")
+
+
+def wait_gone(pid: int, timeout: float, log: list[str]) -> float:
+    """When process `pid` ended (or became a zombie), polling up to `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return time.monotonic()
+        except (OSError, IndexError):
+            return time.monotonic()
+        time.sleep(0.2)
+    raise AssertionError(f"process {pid} still running after {timeout} s:\n{''.join(log)[-3000:]}")
+
+
+def test_a_stopped_rank_ends_the_others_within_the_collective_timeout_naming_step_and_collective(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, tmp_path / "run", "train.max_steps=10000",
+                                                          f"train.dist_timeout_s={TIMEOUT_S}", *NO_EVAL)]
+    launcher = start_module("dist_kp.train", args, nproc=2)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(launcher.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(re.search(r"\] step 3 ", line) for line in list(lines)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        survivor = worker_of_rank(launcher.pid, 0)
+        kill_tree(worker_of_rank(launcher.pid, 1), signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        survivor_ended = wait_gone(survivor, TIMEOUT_S + MARGIN_S, lines)
+        launcher.wait(timeout=TIMEOUT_S + MARGIN_S + TORCHRUN_STOP_GRACE_S)
+    finally:
+        kill_tree(launcher.pid, signal.SIGKILL)
+        kill_tree(launcher.pid, signal.SIGCONT)
+    reader.join(timeout=30)
+    log = "".join(lines)
+    assert launcher.returncode != 0
+    assert survivor_ended - stopped_at < TIMEOUT_S + MARGIN_S
+    error = re.search(rf"\[rank0\] ERROR .*rank 0: collective (.+?) at step (\d+) timed out after {TIMEOUT_S} s "
+                      r"\(a rank stopped answering\)", log)
+    assert error, log[-5000:]
+    assert int(error.group(2)) >= 4
+    assert "[rank0]: Traceback" not in log, log[-5000:]
+
+
+def test_every_minutes_checkpoints_at_steps_of_rank_0s_clock_on_every_rank(synthetic_root: Path,
+                                                                             tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    # 0.03 s: due after every step. Ranks that disagreed would wait in the save's gather until the timeout.
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, out, "train.max_steps=4", "checkpoint.every_steps=1000", "checkpoint.every_minutes=0.0005",
+        "checkpoint.keep_last=10", f"train.dist_timeout_s={TIMEOUT_S}", *NO_EVAL)]
+    check(run_module("dist_kp.train", args, nproc=2, timeout=300))
+    assert RunFolder(str(out)).checkpoint_steps() == [1, 2, 3, 4]

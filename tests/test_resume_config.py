@@ -1,0 +1,64 @@
+"""Config changes at resume are applied from the resumed step on, or refused naming the keys: never ignored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dist_kp.config import load_config
+from dist_kp.schedule import lr_factor
+from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
+from tests.test_hostile_runs import store_of
+
+STEPS_PER_EPOCH = 6  # 48 training images, 2 processes x 4 images
+
+
+def train_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), *tiny_overrides(data, out, "train.workers=0", "eval.every_epochs=0",
+                                                          "eval.at_end=false", *extra)]
+
+
+@pytest.fixture(scope="module")
+def three_steps(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("three") / "run"
+    check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=3"), nproc=2))
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_a_new_lr_and_momentum_at_resume_apply_from_the_resumed_step(three_steps: Path, synthetic_root: Path,
+                                                                     tmp_path: Path) -> None:
+    out = copy_of(three_steps, tmp_path)
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=5", "optim.lr=0.01",
+                                                          "optim.momentum=0.8"), nproc=2))
+    schedule = load_config(TINY_CONFIG, []).schedule
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr"] for r in records if "lr" in r}
+    assert sorted(lrs) == [1, 2, 3, 4, 5]
+    for step, lr in lrs.items():
+        base = 0.02 if step <= 3 else 0.01
+        assert lr == pytest.approx(base * lr_factor(step, schedule, STEPS_PER_EPOCH, 10 * STEPS_PER_EPOCH)), step
+    _, state = store_of(out).latest()
+    group = state["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["initial_lr"]) == (0.8, 0.01)
+    changed = [line for line in result.stderr.splitlines() if "config changed since" in line and "optim.lr" in line]
+    assert len(changed) == 1 and "[rank0]" in changed[0], changed  # logged once, by rank 0
+    assert "optim.lr 0.02 -> 0.01, applied from step 3 on" in changed[0]
+
+
+def test_a_changed_training_set_at_resume_is_refused_naming_the_key(three_steps: Path, synthetic_root: Path,
+                                                                   tmp_path: Path) -> None:
+    out = copy_of(three_steps, tmp_path)
+    result = run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=5",
+                                                    "data.min_visible_keypoints=3"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "data.min_visible_keypoints (5 in the checkpoint, 3 now)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert store_of(out).steps()[-1] == 3  # nothing trained
