@@ -122,6 +122,8 @@ def run(cfg: Config) -> int:
     for hook in hooks:
         trainer.register(hook)
     trainer.train()
+    # Every rank leaves together: none tears the process group down while rank 0 still writes.
+    distributed.barrier()
     if info.is_main and trainer.stop_reason is None:
         log.info("training finished at step %d (epoch %d)", trainer.progress.step, trainer.progress.epoch)
     return preempted.exit_status

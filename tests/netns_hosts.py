@@ -5,14 +5,15 @@
     hosts.close()                      # ends what still runs in them, deletes them
 
 Each host is a namespace created with `ip netns add`, with its loopback up and one end of a
-veth pair, named dkp0 in both, addressed 10.213.7.1/24 (A) and 10.213.7.2/24 (B). Those addresses exist only inside
-these two namespaces (other tests' namespaces may reuse them: they never see each other), so
-traffic stays inside. Commands run through `nsenter --net=/run/netns/NS unshare --mount --uts`, which gives each
-host its own hostname, and a mount namespace of its own where /etc/netns/NS/hosts is bound over
-/etc/hosts (what `ip netns exec` does, without its remount of /sys that hides the cgroup file
-systems slurmd needs); that file names both hosts, so `hostA` resolves to A's address on either host (torchrun's
-rendezvous advertises hostnames; SLURM's nodes are hostnames). Files are shared: both hosts
-see the machine's file system, as nodes see a shared file system.
+veth pair, named dkp0 in both, addressed 10.213.7.1/24 (A) and 10.213.7.2/24 (B). Those
+addresses exist only inside these two namespaces (other tests' namespaces may reuse them: they
+never see each other), so traffic stays inside. Commands run through
+`nsenter --net=/run/netns/NS unshare --mount --uts`: each host has its own hostname and a mount
+namespace of its own where /etc/netns/NS/hosts is bound over /etc/hosts (what `ip netns exec`
+does, without its remount of /sys, which hides the cgroup file systems slurmd needs). That file
+names both hosts, so `hosta-...` resolves to A's address on either host (torchrun's rendezvous
+advertises hostnames; SLURM's nodes are hostnames). Files are shared: both hosts see the
+machine's file system, as nodes see a shared file system.
 
 Everything is removed by close(): the processes still running in the namespaces (found with
 `ip netns pids`, so only processes started in them), the namespaces (which removes the veth
@@ -44,7 +45,7 @@ def unavailable_reason() -> str | None:
     """Why namespace hosts cannot be made here (None when they can): not root, or no `ip netns`/`unshare`."""
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add); CI runs the tests as root"
-    for tool in ("ip", "unshare"):
+    for tool in ("ip", "nsenter", "unshare"):
         if shutil.which(tool) is None:
             return f"{tool} not found (iproute2 / util-linux)"
     probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
@@ -68,7 +69,7 @@ class Host:
     started: list[subprocess.Popen] = field(default_factory=list)
 
     def command(self, argv: list[str]) -> list[str]:
-        """`argv` run inside this host, with its hostname (the ip and unshare steps exec, so the pid is argv's)."""
+        """`argv` run inside this host, with its hostname (nsenter, unshare and sh exec: the pid is argv's)."""
         # Not `ip netns exec`: it remounts /sys for the namespace, which hides /sys/fs/cgroup (slurmd needs it).
         # A mount namespace of its own binds this host's hosts file over /etc/hosts, as `ip netns exec` would.
         return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "sh", "-c",
