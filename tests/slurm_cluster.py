@@ -124,25 +124,12 @@ def start_cluster(root: Path) -> SlurmCluster:
         raise ClusterError("the test cluster runs its daemons as root (SlurmUser=root); run the tests as root")
     host = socket.gethostname().split(".")[0]
     port = _free_port_pair()
-    for sub in ("munge", "slurmctld", "slurmd", "fakegpu"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    os.chmod(root / "munge", 0o755)
-    for i in range(8):
-        link = root / "fakegpu" / f"gpu{i}"
-        if not link.exists():
-            link.symlink_to("/dev/null")
-    (root / "slurm.conf").write_text(_conf(root, host, port))
-    (root / "gres.conf").write_text(f"AutoDetect=off\nNodeName={host} Name=gpu File={root}/fakegpu/gpu[0-7]\n")
-    (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemdOnFailure=yes\n")
+    _lay_out(root, _conf(root, host, port), [host], ("slurmd",))
     cluster = SlurmCluster(root, env={"SLURM_CONF": str(root / "slurm.conf")})
     env = {**os.environ, **cluster.env}
     logs = open(root / "daemons.log", "ab")
     try:
-        cluster.processes.append(subprocess.Popen(
-            ["munged", "--foreground", "--force", f"--socket={root}/munge/munge.socket.2",
-             f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munge.seed",
-             f"--log-file={root}/munge/munged.log"], stdout=logs, stderr=logs, env=env))
-        _wait(lambda: (root / "munge" / "munge.socket.2").exists(), 20, "munged did not create its socket", root)
+        _start_munged(cluster, env, logs)
         cluster.processes.append(subprocess.Popen(["slurmctld", "-D", "-i"], stdout=logs, stderr=logs, env=env))
         _wait(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 30,
               "slurmctld did not answer scontrol ping", root)
@@ -153,6 +140,30 @@ def start_cluster(root: Path) -> SlurmCluster:
         cluster.stop()
         raise
     return cluster
+
+
+def _lay_out(root: Path, slurm_conf: str, nodes: list[str], extra_dirs: tuple[str, ...]) -> None:
+    """The cluster's folders and config files; eight fake GPUs (links to /dev/null) per node."""
+    for sub in ("munge", "slurmctld", "fakegpu", *extra_dirs):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "munge", 0o755)
+    for i in range(8):
+        link = root / "fakegpu" / f"gpu{i}"
+        if not link.exists():
+            link.symlink_to("/dev/null")
+    (root / "slurm.conf").write_text(slurm_conf)
+    (root / "gres.conf").write_text("AutoDetect=off\n" + "".join(
+        f"NodeName={node} Name=gpu File={root}/fakegpu/gpu[0-7]\n" for node in nodes))
+    (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemdOnFailure=yes\n")
+
+
+def _start_munged(cluster: SlurmCluster, env: dict[str, str], logs) -> None:
+    root = cluster.root
+    cluster.processes.append(subprocess.Popen(
+        ["munged", "--foreground", "--force", f"--socket={root}/munge/munge.socket.2",
+         f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munge.seed",
+         f"--log-file={root}/munge/munged.log"], stdout=logs, stderr=logs, env=env))
+    _wait(lambda: (root / "munge" / "munge.socket.2").exists(), 20, "munged did not create its socket", root)
 
 
 def _wait(ready, timeout: float, message: str, root: Path) -> None:
@@ -217,26 +228,12 @@ def start_two_node_cluster(root: Path, hosts) -> NamespaceSlurmCluster:
     for tool in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol"):
         if shutil.which(tool) is None:
             raise ClusterError(f"{tool} not found: install Debian's slurm-wlm and munge (launch/test.sh does)")
-    for sub in ("munge", "slurmctld", "fakegpu"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    os.chmod(root / "munge", 0o755)
-    for i in range(8):
-        link = root / "fakegpu" / f"gpu{i}"
-        if not link.exists():
-            link.symlink_to("/dev/null")
-    (root / "slurm.conf").write_text(_two_node_conf(root, hosts))
-    (root / "gres.conf").write_text("AutoDetect=off\n" + "".join(
-        f"NodeName={host.hostname} Name=gpu File={root}/fakegpu/gpu[0-7]\n" for host in hosts.all))
-    (root / "cgroup.conf").write_text("CgroupPlugin=autodetect\nIgnoreSystemdOnFailure=yes\n")
+    _lay_out(root, _two_node_conf(root, hosts), [host.hostname for host in hosts.all], ())
     cluster = NamespaceSlurmCluster(root, env={"SLURM_CONF": str(root / "slurm.conf")}, hosts=hosts)
     env = {**os.environ, **cluster.env}
     logs = open(root / "daemons.log", "ab")
     try:
-        cluster.processes.append(subprocess.Popen(
-            ["munged", "--foreground", "--force", f"--socket={root}/munge/munge.socket.2",
-             f"--pid-file={root}/munge/munged.pid", f"--seed-file={root}/munge/munge.seed",
-             f"--log-file={root}/munge/munged.log"], stdout=logs, stderr=logs, env=env))
-        _wait(lambda: (root / "munge" / "munge.socket.2").exists(), 20, "munged did not create its socket", root)
+        _start_munged(cluster, env, logs)
         cluster.processes.append(hosts.a.popen(["slurmctld", "-D", "-i"], env=env, stdout=logs, stderr=logs))
         _wait(lambda: cluster.run("scontrol", "ping", check=False).stdout.count("UP") > 0, 30,
               "slurmctld did not answer scontrol ping", root)
