@@ -50,6 +50,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"test order shuffled with seed {seed} (the same order again: --shuffle {seed})")
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_left_behind():
+    """An in-process W&B run leaves a service and its settings in this process: end them after each test."""
+    yield
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small generated COCO person-keypoints dataset (shared by the whole session)."""
@@ -63,8 +72,12 @@ def tiny_overrides(data_root: Path, output_dir: str | Path, *extra: str) -> list
     return [f"data.root={data_root}", f"output_dir={output_dir}", "train.log_every=1", *extra]
 
 
+# Set by wandb in this process when an in-process test starts a W&B run: a child would join that service.
+PROCESS_ONLY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "WANDB_SERVICE")
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(PROCESS_ONLY)}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled", **extra)
     return env
 

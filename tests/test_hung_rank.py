@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 from dist_kp.run_folder import RunFolder
-from tests.conftest import TINY_CONFIG, check, descendants, kill_tree, run_module, start_module, tiny_overrides
+from tests.conftest import (
+    REPO,
+    TINY_CONFIG,
+    check,
+    child_env,
+    descendants,
+    kill_tree,
+    module_command,
+    run_module,
+    start_module,
+    tiny_overrides,
+)
 
 TIMEOUT_S = 20
 # Past the collective timeout: gloo noticing it, the error's log line, the process exiting (2 busy cores).
@@ -85,3 +97,34 @@ def test_every_minutes_checkpoints_at_steps_of_rank_0s_clock_on_every_rank(synth
         "checkpoint.keep_last=10", f"train.dist_timeout_s={TIMEOUT_S}", *NO_EVAL)]
     check(run_module("dist_kp.train", args, nproc=2, timeout=300))
     assert RunFolder(str(out)).checkpoint_steps() == [1, 2, 3, 4]
+
+
+def test_with_max_restarts_a_stopped_rank_is_replaced_and_the_run_resumes_to_the_end(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, tmp_path / "run", "train.max_steps=10",
+                                                          "checkpoint.every_steps=2",
+                                                          f"train.dist_timeout_s={TIMEOUT_S}", *NO_EVAL)]
+    launcher = subprocess.Popen(module_command("dist_kp.train", args, 2, ("--max-restarts=1",)), cwd=REPO,
+                                env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(launcher.stderr), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(re.search(r"checkpoint step 4 saved", line) for line in list(lines)):
+            assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
+            time.sleep(0.2)
+        kill_tree(worker_of_rank(launcher.pid, 1), signal.SIGSTOP)
+        # Rank 0 times out, the agent kills the stopped worker and starts both again.
+        launcher.wait(timeout=TIMEOUT_S + MARGIN_S + TORCHRUN_STOP_GRACE_S + 240)
+    finally:
+        kill_tree(launcher.pid, signal.SIGKILL)
+        kill_tree(launcher.pid, signal.SIGCONT)
+    reader.join(timeout=30)
+    log = "".join(lines)
+    assert launcher.returncode == 0, log[-5000:]
+    assert re.search(r"collective .* timed out after \d+ s \(a rank stopped answering\)", log), log[-5000:]
+    resumed = re.search(r"resumed from \S+step_(\d+) at step", log)
+    assert resumed and int(resumed.group(1)) >= 4, log[-5000:]
+    assert "training finished at step 10" in log

@@ -269,3 +269,39 @@ def test_a_crash_on_one_rank_ends_every_rank_quickly(synthetic_root: Path, tmp_p
     # Rank 0 waits for rank 1 in the evaluation's gather: it must end with it, not at the collective timeout.
     # The bound is a fraction of that timeout, not a speed: a slow machine passes, a waiting rank 0 does not.
     assert ended - datetime.strptime(error.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() < COLLECTIVE_TIMEOUT_S / 5
+
+
+def worker_with_procid(procid: int) -> int:
+    """The dist_kp.train task of SLURM rank `procid` (started by this test's cluster)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dist_kp.train" in cmdline and f"SLURM_PROCID={procid}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no dist_kp.train task with SLURM_PROCID={procid}")
+
+
+def test_a_stopped_task_ends_the_job_step_non_zero_within_the_collective_timeout(slurm, synthetic_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    timeout_s = 20
+    out = tmp_path / "run"
+    job_id = sbatch(slurm, tmp_path, synthetic_root, out, "train.max_steps=10000", f"train.dist_timeout_s={timeout_s}")
+    wait_for_log(tmp_path, job_id, r"\] step 3 ")
+    stopped = worker_with_procid(1)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        # Rank 0 times out; srun --kill-on-bad-exit ends the step, killing the stopped task too.
+        info = slurm.wait_job(job_id, timeout=timeout_s + 120)
+    finally:
+        try:
+            os.kill(stopped, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
+    log = job_log(tmp_path, job_id)
+    assert re.search(rf"collective .* timed out after {timeout_s} s \(a rank stopped answering\)", log), log[-3000:]
