@@ -56,6 +56,14 @@ def wait_gone(pid: int, timeout: float, log: list[str]) -> float:
     raise AssertionError(f"process {pid} still running after {timeout} s:\n{''.join(log)[-3000:]}")
 
 
+def wait_logged(launcher: subprocess.Popen, lines: list[str], needle: str, timeout: float = 300) -> None:
+    """Wait until a line of the launcher's log (collected into `lines` by a reader thread) matches `needle`."""
+    deadline = time.monotonic() + timeout
+    while not any(re.search(needle, line) for line in list(lines)):
+        assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
+        time.sleep(0.2)
+
+
 def test_a_stopped_rank_ends_the_others_within_the_collective_timeout_naming_step_and_collective(
         synthetic_root: Path, tmp_path: Path) -> None:
     args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, tmp_path / "run", "train.max_steps=10000",
@@ -65,10 +73,7 @@ def test_a_stopped_rank_ends_the_others_within_the_collective_timeout_naming_ste
     reader = threading.Thread(target=lambda: lines.extend(launcher.stderr), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 300
-        while not any(re.search(r"\] step 3 ", line) for line in list(lines)):
-            assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.2)
+        wait_logged(launcher, lines, r"\] step 3 ")
         survivor = worker_of_rank(launcher.pid, 0)
         kill_tree(worker_of_rank(launcher.pid, 1), signal.SIGSTOP)
         stopped_at = time.monotonic()
@@ -111,10 +116,7 @@ def test_with_max_restarts_a_stopped_rank_is_replaced_and_the_run_resumes_to_the
     reader = threading.Thread(target=lambda: lines.extend(launcher.stderr), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 300
-        while not any(re.search(r"checkpoint step 4 saved", line) for line in list(lines)):
-            assert time.monotonic() < deadline and launcher.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.2)
+        wait_logged(launcher, lines, r"checkpoint step 4 saved")
         kill_tree(worker_of_rank(launcher.pid, 1), signal.SIGSTOP)
         # Rank 0 times out, the agent kills the stopped worker and starts both again.
         launcher.wait(timeout=TIMEOUT_S + MARGIN_S + TORCHRUN_STOP_GRACE_S + 240)

@@ -38,8 +38,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The venv sees this environment's packages (torch, pip, setuptools...) through a .pth line, after
     its own site-packages, so dist_kp itself comes from the new install and nothing is downloaded.
     """
-    if shutil.which("git") is None:
-        pytest.skip("git is needed to list the files of a checkout")
+    assert shutil.which("git") is not None, "git is needed to list the files of a checkout"
     tmp = tmp_path_factory.mktemp("install")
     source = fresh_checkout(tmp / "src")
     venv = tmp / "venv"
