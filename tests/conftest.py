@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "synthetic_cpu.yaml"
+T = TypeVar("T")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -82,6 +90,21 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def environment(**variables: str) -> Iterator[None]:
+    """Set variables in this process's environment for a block, then put back what was there."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def module_command(module: str, args: list[str], nproc: int = 1, torchrun_args: tuple[str, ...] = ()) -> list[str]:
     """`python -m module args` alone (nproc=1) or under torchrun with nproc processes."""
     if nproc == 1 and not torchrun_args:
@@ -147,27 +170,85 @@ def kill_tree(pid: int, sig: int) -> None:
             pass
 
 
-def kill_when_logged(process: subprocess.Popen, needle: str, timeout: float = 300) -> str:
-    """SIGKILL the process and all its descendants once `needle` is logged; returns the log so far."""
-    import re
-    import signal
-    import time
+def wait_until(condition: Callable[[], T], what: str, timeout: float = 300,
+               process: subprocess.Popen | None = None) -> T:
+    """Poll an observable state (a file, a log line, a record) until `condition()` is truthy; return it.
 
-    lines = []
+    The timeout only bounds a failure: a test never waits for time to pass instead of a state.
+    A process that ends while the state is awaited fails the wait at once.
+    """
     deadline = time.monotonic() + timeout
-    pattern = re.compile(needle)
-    for line in process.stderr:
-        lines.append(line)
-        if pattern.search(line):
-            kill_tree(process.pid, signal.SIGKILL)
-            break
+    while True:
+        value = condition()
+        if value:
+            return value
+        if process is not None and process.poll() is not None:
+            value = condition()  # the state may have come with the process's last output
+            if value:
+                return value
+            raise AssertionError(f"process ended (exit {process.returncode}) before {what}")
         if time.monotonic() > deadline:
-            kill_tree(process.pid, signal.SIGKILL)
-            raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{''.join(lines)[-3000:]}")
-    process.wait(timeout=60)
-    text = "".join(lines)
-    assert pattern.search(text), f"process ended before logging {needle!r}:\n{text[-4000:]}"
-    return text
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+class LogReader:
+    """Reads a started process's stderr in a thread (its pipe never fills) and keeps every line."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self.process.stderr:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> re.Match:
+        """The first match of `pattern` in the log, once it is there."""
+        def found() -> re.Match | None:
+            if self.process.poll() is not None:
+                self._thread.join(timeout=30)  # the rest of the output of an ended process
+            return re.search(pattern, self.text)
+
+        try:
+            return wait_until(found, f"{pattern!r} logged", timeout, self.process)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.text[-4000:]}") from None
+
+    def finish(self, timeout: float = 60) -> str:
+        """Wait for the process to end; its whole log."""
+        self.process.wait(timeout=timeout)
+        self._thread.join(timeout=timeout)
+        return self.text
+
+
+def kill_when_held(process: subprocess.Popen, probe: Path, ranks: int, *needles: str,
+                   ready: Callable[[], object] | None = None, timeout: float = 300) -> str:
+    """SIGKILL a run (every process) that stands still: every rank holds (tests.hook_probe:HoldHook),
+    each needle is logged and `ready()` is true. Returns the log.
+
+    Holding first makes the moment of the kill a state, not a race: nothing the test waits for
+    (a background save, another program's flush) can be overtaken by the next steps.
+    """
+    log = LogReader(process)
+    try:
+        for rank in range(ranks):
+            wait_until(lambda: (probe / f"held{rank}").exists(), f"rank {rank} holding", timeout, process)
+        for needle in needles:
+            log.wait_for(needle, timeout)
+        if ready is not None:
+            wait_until(ready, "the state the kill waits for", timeout, process)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{log.text[-4000:]}") from None
+    finally:
+        kill_tree(process.pid, signal.SIGKILL)
+    return log.finish()
 
 
 @pytest.fixture(scope="session")

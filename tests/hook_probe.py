@@ -60,3 +60,23 @@ class SampleProbeHook(Hook):
         ids = ",".join(str(int(target["image_id"])) for target in trainer.batch_targets)
         with self.path.open("a") as f:
             f.write(f"{os.getpid()} {trainer.progress.epoch} {trainer.progress.step} {ids}\n")
+
+
+class HoldHook(Hook):
+    """Holds every rank after step HOLD_AT_STEP, forever: the run stands still where a test kills it.
+
+    Writes PROBE_DIR/held<R> when rank R starts holding. Without HOLD_AT_STEP in the environment it
+    does nothing, so the same command started again (the resume) runs to its end.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.step = int(os.environ.get("HOLD_AT_STEP", "0"))
+        self.marker = Path(os.environ.get("PROBE_DIR", ".")) / f"held{distributed.get_rank()}"
+
+    def after_step(self, trainer) -> None:
+        import time
+
+        if self.step and trainer.progress.step == self.step:
+            self.marker.write_text(str(os.getpid()))
+            while True:
+                time.sleep(1)

@@ -17,7 +17,19 @@ import torch
 from dist_kp.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import CheckpointConfig
 from dist_kp.run_folder import RunFolder
-from tests.conftest import TINY_CONFIG, check, child_env, kill_tree, run_module, start_module, tiny_overrides
+from dist_kp.storage import BOTOCORE_ATTEMPTS, S3FS_ATTEMPTS
+from tests.conftest import (
+    TINY_CONFIG,
+    LogReader,
+    check,
+    child_env,
+    environment,
+    kill_tree,
+    run_module,
+    start_module,
+    tiny_overrides,
+    wait_until,
+)
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
 STEPS = 10
@@ -29,10 +41,8 @@ def train_args(root: Path, out: str, workers: int) -> list[str]:
 
 
 def final_state(out: str, env: dict | None = None) -> dict:
-    if env:
-        os.environ.update(env)
-    store = CheckpointStore(RunFolder(out), CheckpointConfig())
-    url, state = store.latest()
+    with environment(**(env or {})):
+        url, state = CheckpointStore(RunFolder(out), CheckpointConfig()).latest()
     assert url.endswith(f"step_{STEPS:08d}")
     return state
 
@@ -293,13 +303,27 @@ def test_s3_bad_credentials_fail_fast_naming_the_url(s3_server, synthetic_root: 
     assert "wrong-secret" not in result.stderr
 
 
-def read_until(process, needle: str, lines: list[str], timeout: float = 300) -> None:
-    """Collect the process's log lines into `lines` until one matches `needle` (or the log ends)."""
-    deadline = time.monotonic() + timeout
-    for line in process.stderr:
-        lines.append(line)
-        if re.search(needle, line) or time.monotonic() > deadline:
-            return
+# The frozen-server run's request timeout; one request gives up after it times the attempts of each layer.
+FROZEN_TIMEOUT_S = 2
+REQUEST_BOUND_S = FROZEN_TIMEOUT_S * BOTOCORE_ATTEMPTS * S3FS_ATTEMPTS
+# Requests that may each run into the timeout before the run gives up: the save in flight, the next
+# metrics write, the last flush at exit; the rest of a bound is process time (start-up, steps, exit).
+FAILING_REQUESTS = 4
+# Start-up and a few steps of a process on a loaded 2-core machine: finite, where a hung write never ends.
+PROCESS_TIME_S = 60
+
+
+def wait_readable(server, prefix: str, timeout: float = 120) -> None:
+    """Wait until every object under `prefix` reads back: a restarted SeaweedFS lists buckets before its
+    volume server serves reads (the first read then answers 500 InternalError)."""
+    def all_read() -> bool:
+        fs = server.filesystem()
+        try:
+            return all(fs.cat(path) is not None for path in fs.find(prefix))
+        except OSError:
+            return False
+
+    wait_until(all_read, f"objects under {prefix} readable after the restart", timeout)
 
 
 def test_s3_server_frozen_or_stopped_fails_in_bounded_time_and_keeps_the_last_checkpoint(
@@ -313,31 +337,36 @@ def test_s3_server_frozen_or_stopped_fails_in_bounded_time_and_keeps_the_last_ch
         bucket = server.create_bucket("stopped")
         out = f"s3://{bucket}/run"
         env = s3_env(server)
-        args = [*train_args(synthetic_root, out, 0), "storage.timeout_s=2"]
+        args = [*train_args(synthetic_root, out, 0), f"storage.timeout_s={FROZEN_TIMEOUT_S}"]
         run = start_module("dist_kp.train", args, env=env)
-        lines: list[str] = []
-        read_until(run, r"checkpoint step 4 saved", lines)
+        log = LogReader(run)
+        log.wait_for(r"checkpoint step 4 saved")
         # Frozen: the server accepts connections but never answers (writes used to hang forever).
         os.kill(server.process.pid, signal.SIGSTOP)
         frozen = time.monotonic()
-        read_until(run, r"(?!)", lines)
-        assert run.wait(timeout=60) != 0 and time.monotonic() - frozen < 120
-        log = "".join(lines)
-        assert "not reachable" in log and out in log, log[-3000:]
+        log.wait_for(r"not reachable")
+        noticed = time.monotonic() - frozen
+        text = log.finish(timeout=60)
+        assert run.returncode != 0
+        assert noticed < FAILING_REQUESTS * REQUEST_BOUND_S + PROCESS_TIME_S, (noticed, text[-3000:])
+        assert "not reachable" in text and out in text, text[-3000:]
         os.kill(server.process.pid, signal.SIGCONT)
-        saved = [int(n) for n in re.findall(r"checkpoint step (\d+) saved", log)]
-        # Stopped: connections refused; the same command fails at once, naming the URL.
+        saved = [int(n) for n in re.findall(r"checkpoint step (\d+) saved", text)]
+        # Stopped: connections refused at once; the same command fails naming the URL, after no more
+        # than the refused requests' retries and its own start-up.
         server.stop()
         started = time.monotonic()
         result = run_module("dist_kp.train", args, env=env, timeout=300)
-        assert result.returncode != 0 and time.monotonic() - started < 120
+        assert result.returncode != 0
+        assert time.monotonic() - started < FAILING_REQUESTS * REQUEST_BOUND_S + PROCESS_TIME_S
         assert "not reachable" in result.stderr and out in result.stderr
         server.start()
-        os.environ.update(server.env())
-        store = CheckpointStore(RunFolder(out), CheckpointConfig())
-        url, state = store.latest()
-        assert url.endswith(f"step_{saved[-1]:08d}") and state["progress"]["step"] == saved[-1]
-        store.abort_unfinished_uploads()
+        wait_readable(server, f"{bucket}/run")
+        with environment(**server.env()):
+            store = CheckpointStore(RunFolder(out), CheckpointConfig())
+            url, state = store.latest()
+            assert url.endswith(f"step_{saved[-1]:08d}") and state["progress"]["step"] == saved[-1]
+            store.abort_unfinished_uploads()
         assert server.filesystem().call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
     finally:
         if server.process:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import TINY_CONFIG, check, child_env, kill_when_logged, run_module, start_module, tiny_overrides
+from tests.conftest import TINY_CONFIG, check, child_env, kill_when_held, run_module, start_module, tiny_overrides
 
 STEPS_PER_EPOCH = 6  # 48 training images, 2 processes x 4 images
 MAX_STEPS = 14
@@ -41,8 +41,11 @@ def test_a_hook_from_outside_sees_every_step_and_epoch_end_on_every_rank_across_
     env = child_env(PROBE_DIR=str(probe))
     args = ["--config", str(TINY_CONFIG), *tiny_overrides(
         synthetic_root, tmp_path / "run", f"train.max_steps={MAX_STEPS}", "checkpoint.every_steps=4",
-        "train.workers=0", "eval.every_epochs=0", "eval.at_end=false", "train.hooks=[tests.hook_probe:ProbeHook]")]
-    kill_when_logged(start_module("dist_kp.train", args, nproc=2, env=env), r"checkpoint step 8 saved")
+        "train.workers=0", "eval.every_epochs=0", "eval.at_end=false",
+        "train.hooks=[tests.hook_probe:ProbeHook,tests.hook_probe:HoldHook]")]
+    # Killed while every rank holds after step 9, once step 8 is stored: no later checkpoint can exist.
+    kill_when_held(start_module("dist_kp.train", args, nproc=2, env={**env, "HOLD_AT_STEP": "9"}), probe, 2,
+                   r"checkpoint step 8 saved")
     result = check(run_module("dist_kp.train", args, nproc=2, env=env))
     assert "resumed from" in result.stderr and "at step 8" in result.stderr
     per_rank = [calls(probe, rank) for rank in (0, 1)]

@@ -17,7 +17,7 @@ import pytest
 from dist_kp.checkpoint import CheckpointStore
 from dist_kp.config import CheckpointConfig
 from dist_kp.run_folder import RunFolder
-from tests.conftest import TINY_CONFIG, check, child_env, run_module, start_module, tiny_overrides
+from tests.conftest import TINY_CONFIG, LogReader, check, child_env, run_module, start_module, tiny_overrides, wait_until
 
 QUIET = ("train.workers=0", "eval.every_epochs=0", "eval.at_end=false", "checkpoint.every_steps=1")
 
@@ -139,19 +139,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    """True when a socket listens on `port` (read from /proc/net/tcp and tcp6, without connecting)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # 0A: LISTEN
+                return True
+    return False
+
+
 def test_a_signal_before_training_starts_ends_the_process_promptly(synthetic_root: Path, tmp_path: Path) -> None:
     # Rank 0 of 2 whose peer never comes: it waits in the rendezvous for the collective timeout.
-    env = child_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    port = free_port()
+    env = child_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     args = train_args(synthetic_root, tmp_path / "run", "train.dist_timeout_s=900")
     run = start_module("dist_kp.train", args, env=env)
-    time.sleep(8)
-    assert run.poll() is None, run.stderr.read()[-3000:]
+    # Rank 0 hosts the rendezvous store: once its port listens, the process is waiting for its peer.
+    log = LogReader(run)
+    wait_until(lambda: listening(port), f"rank 0 listening on port {port}", process=run)
     run.send_signal(signal.SIGTERM)
     try:
         status = run.wait(timeout=30)
     finally:
         run.kill()
-    assert status != 0
+    assert status != 0, log.finish()[-3000:]
 
 
 def test_resuming_mid_epoch_on_another_number_of_processes_continues_with_a_warning(

@@ -19,6 +19,7 @@ import torch
 from tests.conftest import (
     REPO,
     TINY_CONFIG,
+    LogReader,
     check,
     child_env,
     descendants,
@@ -26,6 +27,7 @@ from tests.conftest import (
     run_module,
     start_module,
     tiny_overrides,
+    wait_until,
 )
 
 # Collective timeout of the crash test: longer than its subprocess timeout, so a rank left waiting fails the test.
@@ -174,7 +176,8 @@ def test_scancel_of_the_job_saves_a_checkpoint_and_does_not_requeue(slurm, synth
     wait_for_log(tmp_path, job_id, r"\] step 3 ")
     slurm.run("scancel", job_id)  # SIGTERM to every process of the job: the user ends it
     log = wait_for_log(tmp_path, job_id, r"SLURM job \d+ is COMPLETING .*not requeueing")
-    time.sleep(10)  # a requeued job would be running again by now (~6.5 s on this cluster)
+    # Once no process of the job is left, nothing can requeue it any more: then its state is final.
+    wait_until(lambda: not job_processes(job_id), f"every process of job {job_id} ended", timeout=120)
     info = slurm.job(job_id)
     assert info["JobState"] == "CANCELLED" and info.get("Restarts") == "0", info
     assert "restart count 1" not in job_log(tmp_path, job_id)
@@ -233,19 +236,19 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(synthetic_root: Path, tmp
     launcher = subprocess.Popen(module_command("dist_kp.train", args, nproc=2, torchrun_args=("--max-restarts=1",)),
                                 cwd=REPO, env=child_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                                 start_new_session=True)
-    lines = []
-    for line in launcher.stderr:
-        lines.append(line)
-        if re.search(r"\] step 7 ", line):
-            workers = [p for p in descendants(launcher.pid)
-                       if "dist_kp.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-            os.kill(workers[-1], signal.SIGKILL)  # one worker dies, as on a failed GPU
-            break
-    log = "".join(lines) + launcher.stderr.read()
-    launcher.wait(timeout=600)
-    assert launcher.returncode == 0, log[-4000:]
-    assert re.search(r"resumed from .*step_00000006 at step 6", log)
-    assert "training finished at step 12" in log
+    log = LogReader(launcher)
+    # Saves finish in the background: the kill comes once step 6 is stored, not merely once step 7 ran.
+    log.wait_for(r"checkpoint step 6 saved")
+    log.wait_for(r"\] step 7 ")
+    workers = [p for p in descendants(launcher.pid)
+               if "dist_kp.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    os.kill(workers[-1], signal.SIGKILL)  # one worker dies, as on a failed GPU
+    text = log.finish(timeout=600)
+    assert launcher.returncode == 0, text[-4000:]
+    # The newest checkpoint stored when the worker died: step 6, or 9 if it was stored in between.
+    resumed = re.search(r"resumed from .*step_(\d+) at step (\d+)", text)
+    assert resumed and resumed.group(1).lstrip("0") == resumed.group(2) and int(resumed.group(2)) in (6, 9), text[-4000:]
+    assert "training finished at step 12" in text
 
 
 def test_a_crash_on_one_rank_ends_every_rank_quickly(synthetic_root: Path, tmp_path: Path) -> None:
@@ -271,8 +274,9 @@ def test_a_crash_on_one_rank_ends_every_rank_quickly(synthetic_root: Path, tmp_p
     assert ended - datetime.strptime(error.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() < COLLECTIVE_TIMEOUT_S / 5
 
 
-def worker_with_procid(procid: int) -> int:
-    """The dist_kp.train task of SLURM rank `procid` (started by this test's cluster)."""
+def processes_with(*needles: bytes) -> list[tuple[int, bytes, list[bytes]]]:
+    """(pid, cmdline, environment) of every process whose environment holds all `needles`."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -281,8 +285,21 @@ def worker_with_procid(procid: int) -> int:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"dist_kp.train" in cmdline and f"SLURM_PROCID={procid}".encode() in environ:
-            return int(entry.name)
+        if all(needle in environ for needle in needles):
+            found.append((int(entry.name), cmdline, environ))
+    return found
+
+
+def job_processes(job_id: str) -> list[int]:
+    """The processes of a SLURM job on this machine (batch shell, srun, tasks)."""
+    return [pid for pid, _, _ in processes_with(f"SLURM_JOB_ID={job_id}".encode())]
+
+
+def worker_with_procid(procid: int) -> int:
+    """The dist_kp.train task of SLURM rank `procid` (started by this test's cluster)."""
+    for pid, cmdline, _ in processes_with(f"SLURM_PROCID={procid}".encode()):
+        if b"dist_kp.train" in cmdline:
+            return pid
     raise AssertionError(f"no dist_kp.train task with SLURM_PROCID={procid}")
 
 

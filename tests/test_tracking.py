@@ -25,7 +25,7 @@ from tests.conftest import (
     TINY_CONFIG,
     check,
     child_env,
-    kill_when_logged,
+    kill_when_held,
     run_module,
     start_module,
     tiny_overrides,
@@ -153,20 +153,28 @@ def straight_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def resumed_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """Killed (SIGKILL, every process) at step 11 with the newest checkpoint at 8, then run again to 14.
+    """Killed (SIGKILL, every process) after step 11 with the newest checkpoint at 8, then run again to 14.
 
-    W&B writes its offline log every 15 s by default; every 0.5 s here, so that the killed
-    process has written steps past its checkpoint, which the resumed one must not send again.
+    The first start holds after step 11 (tests.hook_probe:HoldHook) until W&B's offline log holds a
+    step past the checkpoint: the steps the resumed start must not send again. Its log is written
+    every 0.5 s here (15 s by default), which only shortens that wait.
     """
     base = tmp_path_factory.mktemp("resumed")
-    out, wandb_dir = base / "run", base / "wandb"
-    args = train_args(synthetic_root, out, "train.max_steps=14")
-    env = wandb_env(wandb_dir, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL="0.5")
-    first = start_module("dist_kp.train", args, nproc=2, env=env)
-    kill_when_logged(first, r"\] step 11 ")
+    out, wandb_dir, probe = base / "run", base / "wandb", base / "probe"
+    probe.mkdir()
+    args = train_args(synthetic_root, out, "train.max_steps=14", "train.hooks=[tests.hook_probe:HoldHook]")
+    env = wandb_env(wandb_dir, WANDB__TRANSACTION_LOG_FLUSH_INTERVAL="0.5", PROBE_DIR=str(probe))
+    first = start_module("dist_kp.train", args, nproc=2, env={**env, "HOLD_AT_STEP": "11"})
+    kill_when_held(first, probe, 2, r"checkpoint step 8 saved", ready=lambda: wandb_steps_past(wandb_dir, 8))
     result = check(run_module("dist_kp.train", args, nproc=2, env=env))
     assert "at step 8" in result.stderr, result.stderr[-3000:]
     return out, wandb_dir, result.stderr
+
+
+def wandb_steps_past(wandb_dir: Path, step: int) -> bool:
+    """True once the (only) offline run's transaction log holds a history row past `step`."""
+    logs = list((wandb_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    return len(logs) == 1 and any(row_step > step for row_step in offline_runs(wandb_dir)[0].steps)
 
 
 # --- tests -------------------------------------------------------------------------------------------
