@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import random
 import re
@@ -37,7 +38,31 @@ def pytest_configure(config: pytest.Config) -> None:
         config.stash[SHUFFLE_SEED] = random.randrange(2**32) if seed == "random" else int(seed)
 
 
+# What a test (or a fixture it uses) calls when it starts another process or a real server.
+STARTS_PROCESSES = re.compile(r"\b(run_module|start_module|module_command|subprocess\.|Popen|start_server|"
+                              r"start_cluster|start_two_node_cluster|netns)\b|\b(slurm|s3_server|hosts)\b")
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    """True when the test's own code or any fixture in its closure starts a process (torchrun, a CLI,
+    SLURM, SeaweedFS, network namespaces): the integration tier."""
+    functions = [getattr(item, "function", None)]
+    for definitions in item._fixtureinfo.name2fixturedefs.values():
+        functions.extend(definition.func for definition in definitions)
+    for function in functions:
+        try:
+            source = inspect.getsource(function)
+        except (OSError, TypeError):
+            continue
+        if STARTS_PROCESSES.search(source):
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _starts_processes(item):
+            item.add_marker(pytest.mark.integration)
     if SHUFFLE_SEED not in config.stash:
         return
     rng = random.Random(config.stash[SHUFFLE_SEED])
