@@ -120,8 +120,9 @@ def worker(gt_path: str, results_path: str, backend: str, out: str) -> None:
     from dist_kp import distributed
     from dist_kp.data.index import load_index
     from dist_kp.storage import Storage
-    from dist_kp.evaluation import (
-        STAT_NAMES, backend_for, check_sigmas, detection_sets, evaluate_distributed, ground_truth)
+    from dist_kp.evaluation.backends import STAT_NAMES, backend_for, detection_sets
+    from dist_kp.evaluation.evaluator import evaluate_distributed
+    from dist_kp.evaluation.results import check_sigmas, ground_truth
 
     distributed.init_distributed("cpu")
     index = load_index(gt_path, Storage())
@@ -162,7 +163,8 @@ def cli_phases(gt_path: Path, results_path: Path, backend: str) -> dict[str, flo
     """The phases of `evaluate --annotations --results`, in this process (imports measured apart)."""
     from dist_kp.data.index import load_index
     from dist_kp.evaluate import read_results
-    from dist_kp.evaluation import STAT_NAMES, backend_for, check_results, check_sigmas, detection_sets, ground_truth
+    from dist_kp.evaluation.backends import STAT_NAMES, backend_for, detection_sets
+    from dist_kp.evaluation.results import check_results, check_sigmas, ground_truth
     from dist_kp.storage import Storage
 
     phases: dict[str, float] = {}
@@ -197,7 +199,7 @@ def import_seconds() -> float:
 
 def record_building(num: int = 100_000, per_image: int = 20) -> tuple[float, float]:
     """Seconds to turn `num` detections of model outputs into result records: numpy batch, per detection."""
-    from dist_kp.evaluation import outputs_to_results
+    from dist_kp.evaluation.results import outputs_to_results
     from tests.test_eval_records import fake_output, per_detection_reference
 
     rng = np.random.default_rng(0)
@@ -230,7 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each dist_kp variant (median reported)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from dist_kp.evaluation import metrics_dict
+    from dist_kp.evaluation.backends import metrics_dict
 
     gt, results = make_data(args.images, args.dets)
     log.info("%d images, %d person annotations, %d detections", len(gt["images"]), len(gt["annotations"]), len(results))

@@ -30,7 +30,7 @@ from dist_kp.config import load_config
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON, generate
 from dist_kp.export import OUTPUT_NAMES as OUTPUTS
 from dist_kp.export import export
-from dist_kp.model import build_model, weights_payload
+from dist_kp.model.keypoint_rcnn import build_model, weights_payload
 from dist_kp.predict import load_predictor
 
 REPO = Path(__file__).resolve().parents[1]

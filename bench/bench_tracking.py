@@ -19,16 +19,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dist_kp.config import load_config  # noqa: E402
 from dist_kp.data.index import load_index  # noqa: E402
-from dist_kp.evaluation import EvalOutput, metrics_dict  # noqa: E402
-from dist_kp.metrics import MetricsFile  # noqa: E402
-from dist_kp.run_folder import RunFolder  # noqa: E402
+from dist_kp.evaluation.backends import metrics_dict
+from dist_kp.evaluation.evaluator import EvalOutput  # noqa: E402
+from dist_kp.tracking.metrics_file import MetricsFile  # noqa: E402
+from dist_kp.storage.run_folder import RunFolder  # noqa: E402
 from dist_kp.storage import Storage  # noqa: E402
-from dist_kp.tracking import Tracker  # noqa: E402
+from dist_kp.tracking.wandb_run import Tracker  # noqa: E402
 
 log = logging.getLogger("bench_tracking")
 REPO = Path(__file__).resolve().parents[1]
@@ -47,21 +49,23 @@ def measure(mode: str, data: str, records: int, folder: Path) -> dict[str, float
     out.mkdir()
     cfg = load_config(REPO / "configs" / "synthetic_cpu.yaml",
                       [f"data.root={data}", f"output_dir={out}", f"tracking.mode={mode}", "eval.num_visualize=4"])
+    index = load_index(f"{data}/annotations/person_keypoints_val2017.json", Storage())
     started = time.perf_counter()
-    tracker = Tracker(cfg, MetricsFile(RunFolder(str(out))), run_id=f"bench-{mode}")
+    tracker = Tracker(cfg, MetricsFile(RunFolder(str(out))), run_id=f"bench-{mode}", index=index)
     start_s = time.perf_counter() - started
     times = []
     for step in range(1, records + 1):
         started = time.perf_counter()
         tracker.record(record(step))
         times.append(time.perf_counter() - started)
-    index = load_index(f"{data}/annotations/person_keypoints_val2017.json", Storage())
     results = [{"image_id": int(index.image_ids[i]), "category_id": 1, "bbox": [10.0, 10.0, 40.0, 80.0],
                 "keypoints": sum(([20.0 + k, 20.0 + 3 * k, 1.0] for k in range(17)), []), "score": 0.9}
                for i in range(4)]
     output = EvalOutput(metrics_dict({"keypoints": [0.1] * 10, "bbox": [0.2] * 12}), results, "")
     started = time.perf_counter()
-    tracker.evaluation(records + 1, output, index)
+    # What the trainer hands its hooks after an evaluation: the metrics, the output on trainer.evaluation.
+    trainer = SimpleNamespace(progress=SimpleNamespace(step=records + 1), evaluation=output)
+    tracker.after_evaluation(trainer, output.metrics)
     eval_s = time.perf_counter() - started
     started = time.perf_counter()
     tracker.finish()

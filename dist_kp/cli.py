@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from dist_kp.packaged_configs import packaged_config_names
+from dist_kp.config.packaged import packaged_config_names
 
 COMMANDS = {
     "train": "train a model (alone, or as one worker of torchrun / srun)",

@@ -27,16 +27,11 @@ from dist_kp import distributed, storage
 from dist_kp.config import ConfigError, load_config
 from dist_kp.data.index import DataError, load_index
 from dist_kp.data.loaders import val_index
-from dist_kp.evaluation import (
-    BACKENDS,
-    KEYPOINT_AREAS,
-    EvaluationError,
-    check_results,
-    evaluate_model,
-    evaluate_results,
-    ground_truth,
-)
-from dist_kp.model import WeightsError, build_model
+from dist_kp.evaluation.backends import BACKENDS, KEYPOINT_AREAS
+from dist_kp.evaluation.evaluator import Evaluator, evaluate_results
+from dist_kp.evaluation.results import EvaluationError, check_results, ground_truth
+from dist_kp.storage.run_folder import RunFolder
+from dist_kp.model.keypoint_rcnn import WeightsError, build_model
 
 log = logging.getLogger("dist_kp.evaluate")
 
@@ -115,9 +110,10 @@ def evaluate_weights(args: argparse.Namespace) -> None:
         overrides.append(f"eval.sigmas={list(args.sigmas)}")
     cfg = load_config(args.config, overrides)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    index = val_index(cfg)
-    model = build_model(cfg.model, index.meta.num_keypoints, storage.Storage.from_config(cfg.storage)).to(info.device)
-    evaluate_model(model, cfg, index, info.device, step=0)
+    store = storage.Storage.from_config(cfg.storage)
+    index = val_index(cfg, store)
+    model = build_model(cfg.model, index.meta.num_keypoints, store).to(info.device)
+    Evaluator(cfg, index, RunFolder(cfg.output_dir, store), info.device).run(model, step=0)
 
 
 def main(argv: list[str] | None = None) -> int:

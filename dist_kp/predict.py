@@ -38,10 +38,10 @@ from torchvision.transforms.v2.functional import to_dtype
 from dist_kp import distributed
 from dist_kp.config import ModelConfig
 from dist_kp.data.index import KeypointMeta
-from dist_kp.evaluation import outputs_to_results
-from dist_kp.model import build_model
+from dist_kp.evaluation.results import outputs_to_results
+from dist_kp.model.keypoint_rcnn import build_model
 from dist_kp.storage import Storage, StorageError
-from dist_kp.visualize import draw_people, skeleton_connectivity
+from dist_kp.tracking.pictures import draw_people, skeleton_connectivity
 
 log = logging.getLogger("dist_kp.predict")
 

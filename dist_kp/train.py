@@ -22,23 +22,36 @@ import numpy as np
 import torch
 
 from dist_kp import distributed, storage
-from dist_kp.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
 from dist_kp.data.index import DataError
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.data.sampler import BatchSizeError
 from dist_kp.distributed import LaunchError
-from dist_kp.evaluation import EvaluationError, check_sigmas, evaluate_model
-from dist_kp.hooks import CheckpointHook, EvaluationHook, FinalWeightsHook, PreemptionHook, user_hooks
-from dist_kp.model import WeightsError, build_model, unwrap, weights_payload
-from dist_kp.precision import grad_scaler
-from dist_kp.preemption import PreemptionHandler
-from dist_kp.run_folder import RunFolder
-from dist_kp.run_state import ResumeError, RunState
-from dist_kp.schedule import build_optimizer, build_scheduler
-from dist_kp.tensorboard import start_tensorboard
-from dist_kp.tracking import RunId, start_tracking
-from dist_kp.trainer import Trainer
+from dist_kp.distributed.preemption import PreemptionHandler
+from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore
+from dist_kp.engine.hooks import (
+    EARLY_STOP,
+    BestWeightsHook,
+    CheckpointHook,
+    EarlyStopHook,
+    EvaluationHook,
+    FinalWeightsHook,
+    Hook,
+    PreemptionHook,
+    has_state,
+    user_hooks,
+)
+from dist_kp.engine.run_state import ResumeError, RunState
+from dist_kp.engine.schedule import apply_optim_config, build_optimizer, build_scheduler
+from dist_kp.engine.trainer import Trainer
+from dist_kp.evaluation.backends import METRIC_NAMES
+from dist_kp.evaluation.evaluator import Evaluator
+from dist_kp.evaluation.results import EvaluationError
+from dist_kp.model.keypoint_rcnn import WeightsError, build_model, unwrap
+from dist_kp.model.precision import grad_scaler
+from dist_kp.storage.run_folder import RunFolder
+from dist_kp.tracking.tensorboard import start_tensorboard
+from dist_kp.tracking.wandb_run import RunId, start_tracking
 
 log = logging.getLogger("dist_kp.train")
 
@@ -61,11 +74,37 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
+def check_watched_metrics(cfg: Config) -> None:
+    """checkpoint.keep_best and train.early_stop name a metric of the evaluation, which must run."""
+    watched = {"checkpoint.keep_best": cfg.checkpoint.keep_best,
+               "train.early_stop.metric": cfg.train.early_stop.metric if cfg.train.early_stop else None}
+    for option, metric in watched.items():
+        if metric is None:
+            continue
+        if metric not in METRIC_NAMES:
+            raise ConfigError(f"{option}: {metric!r} is not an evaluation metric; choose one of {', '.join(METRIC_NAMES)}")
+        if not cfg.eval.every_epochs:
+            raise ConfigError(f"{option} watches {metric} at every evaluation, but eval.every_epochs=0 evaluates only "
+                              "at the end: set eval.every_epochs to 1 or more")
+
+
+def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
+    """The hooks whose state is saved in checkpoints (built before resuming): keep-best, early stop, the user's."""
+    hooks: list[Hook] = []
+    if cfg.checkpoint.keep_best:
+        hooks.append(BestWeightsHook(folder, cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode, cfg.model, meta))
+    if cfg.train.early_stop:
+        hooks.append(EarlyStopHook(cfg.train.early_stop))
+    return hooks + user_hooks(cfg)
+
+
 def run(cfg: Config) -> int:
     """Train to the end (exit status 0) or until a preemption signal (checkpoint, requeue, status)."""
+    check_watched_metrics(cfg)
     preemption = PreemptionHandler(cfg.train.stop_grace_s)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    folder = RunFolder.for_config(cfg)
+    store = storage.Storage.from_config(cfg.storage)  # the one Storage of this run, passed to every reader and writer
+    folder = RunFolder(cfg.output_dir, store)
     seed_everything(cfg.train.seed, info.rank)
     if info.is_main:
         folder.remove_stale_temporaries()
@@ -75,12 +114,13 @@ def run(cfg: Config) -> int:
             log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
                      os.environ.get("SLURM_RESTART_COUNT", "0"))
 
-    index = train_index(cfg)
-    evaluation_index = val_index(cfg) if cfg.eval.every_epochs or cfg.eval.at_end else None
-    if evaluation_index is not None:  # a wrong eval.sigmas fails now, not after the first epoch
-        check_sigmas(cfg.eval.sigmas, evaluation_index.meta.num_keypoints)
-    loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device)
-    model = build_model(cfg.model, index.meta.num_keypoints, folder.storage).to(info.device)
+    index = train_index(cfg, store)
+    evaluating = bool(cfg.eval.every_epochs or cfg.eval.at_end)
+    evaluation_index = val_index(cfg, store) if evaluating else None
+    # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
+    evaluator = Evaluator(cfg, evaluation_index, folder, info.device) if evaluation_index is not None else None
+    loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device, store)
+    model = build_model(cfg.model, index.meta.num_keypoints, store).to(info.device)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
@@ -88,18 +128,25 @@ def run(cfg: Config) -> int:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
     scaler = grad_scaler(cfg.train.precision, info.device)
-    trainer = Trainer(cfg, model, optimizer, scheduler, scaler, loader, sampler, info.device)
+    trainer = Trainer(cfg.train, model, optimizer, scheduler, scaler, loader, sampler, info.device,
+                      cfg.optim.clip_grad_norm)
+    meta = index.meta.to_dict()
+    stateful_hooks = build_hooks(cfg, folder, meta)
 
     state = RunState(cfg)
     run_id = RunId()
     for name, part in (("model", unwrap(model)), ("optimizer", optimizer), ("scheduler", scheduler),
                        ("scaler", scaler), ("progress", trainer.progress), ("tracking", run_id)):
         state.register(name, part)
-    store = CheckpointStore(folder, cfg.checkpoint)
-    resumed = state.resume(store)
+    for hook in stateful_hooks:
+        if has_state(hook):
+            state.register_hook(hook)
+    checkpoints = CheckpointStore(folder, cfg.checkpoint)
+    resumed = state.resume(checkpoints)
     if resumed:
         trainer.continue_from(resumed)
-    tracker = start_tracking(cfg, folder, state, run_id)
+        apply_optim_config(optimizer, scheduler, cfg.optim)  # the config's optimizer values from now on
+    tracker = start_tracking(cfg, folder, state, run_id, evaluation_index)
     if info.is_main:
         if resumed:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed.url, resumed.step, resumed.epoch,
@@ -107,17 +154,15 @@ def run(cfg: Config) -> int:
         log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), trainer.steps_per_epoch)
 
     preempted = PreemptionHook(preemption)
-    tensorboard = start_tensorboard(cfg, folder)
+    # Evaluation before the checkpoint at an epoch's end: the checkpoint then holds what hooks made of it.
     hooks = [
-        CheckpointHook(store, state, cfg.checkpoint, tracker.checkpoint_started, tracker.checkpoint_saved),
-        EvaluationHook(cfg.eval, lambda step: evaluate_model(model, cfg, evaluation_index, info.device, step),
-                       lambda step, output: (tracker.evaluation(step, output, evaluation_index),
-                                             tensorboard.evaluation(step, output))),
-        FinalWeightsHook(folder, lambda: weights_payload(model, cfg.model, index.meta.to_dict())),
+        *([EvaluationHook(cfg.eval, evaluator)] if evaluator is not None else []),
+        CheckpointHook(checkpoints, state, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
+        FinalWeightsHook(folder, cfg.model, meta),
         tracker,
-        tensorboard,
+        start_tensorboard(cfg, folder),
         preempted,
-        *user_hooks(cfg),
+        *stateful_hooks,
     ]
     for hook in hooks:
         trainer.register(hook)
@@ -126,6 +171,8 @@ def run(cfg: Config) -> int:
     distributed.barrier()
     if info.is_main and trainer.stop_reason is None:
         log.info("training finished at step %d (epoch %d)", trainer.progress.step, trainer.progress.epoch)
+    elif info.is_main and trainer.stop_reason == EARLY_STOP:
+        log.info("training stopped early at step %d (epoch %d)", trainer.progress.step, trainer.progress.epoch)
     return preempted.exit_status
 
 

@@ -47,7 +47,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         self.overrides = overrides
 
     def __call__(self) -> int:
-        from dist_kp import preemption, train
+        from dist_kp import train
+        from dist_kp.distributed import preemption
 
         export_worker_environment()
         status = train.main(["--config", self.config, *self.overrides])

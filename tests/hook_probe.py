@@ -1,13 +1,14 @@
-"""A training hook that lives outside dist_kp: it writes every call it gets to PROBE_DIR/rank<R>.log."""
+"""Training hooks that live outside dist_kp, as a user's would: each writes what it sees under PROBE_DIR."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from dist_kp import distributed
 from dist_kp.config import Config
-from dist_kp.hooks import Hook
+from dist_kp import Hook
 
 
 class ProbeHook(Hook):
@@ -80,3 +81,38 @@ class HoldHook(Hook):
             self.marker.write_text(str(os.getpid()))
             while True:
                 time.sleep(1)
+
+
+class EventProbeHook(Hook):
+    """Records the evaluations and checkpoints it is told of, as its own saved state.
+
+    Writes PROBE_DIR/events<R>.log: `pid before_train <state as JSON>` at every start (the state
+    restored from the checkpoint), `pid after_evaluation <step> <kp/AP>`, `pid after_checkpoint
+    <step> <url>`.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.path = Path(os.environ["PROBE_DIR"]) / f"events{distributed.get_rank()}.log"
+        self.evaluations: list[list[float]] = []  # [step, kp/AP]
+        self.checkpoints: list[int] = []
+
+    def _note(self, *fields: object) -> None:
+        with self.path.open("a") as f:
+            f.write(" ".join(str(x) for x in (os.getpid(), *fields)) + "\n")
+
+    def before_train(self, trainer) -> None:
+        self._note("before_train", json.dumps(self.state_dict()))
+
+    def after_evaluation(self, trainer, metrics: dict[str, float]) -> None:
+        self.evaluations.append([trainer.progress.step, metrics["kp/AP"]])
+        self._note("after_evaluation", trainer.progress.step, metrics["kp/AP"])
+
+    def after_checkpoint(self, trainer, url: str) -> None:
+        self.checkpoints.append(trainer.progress.step)
+        self._note("after_checkpoint", trainer.progress.step, url)
+
+    def state_dict(self) -> dict:
+        return {"evaluations": self.evaluations, "checkpoints": self.checkpoints}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluations, self.checkpoints = state["evaluations"], state["checkpoints"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_kp.checkpoint import CheckpointError, CheckpointStore
+from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.config import CheckpointConfig
-from dist_kp.run_folder import RunFolder
+from dist_kp.storage.run_folder import RunFolder
 from dist_kp.storage import BOTOCORE_ATTEMPTS, S3FS_ATTEMPTS
 from tests.conftest import (
     TINY_CONFIG,

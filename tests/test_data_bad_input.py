@@ -139,10 +139,11 @@ def test_training_set_whose_boxes_are_all_empty_is_refused_naming_empty_boxes_no
         ann["bbox"][2] = 0.0
     save(root, data)
     cfg = load_config(TINY_CONFIG, tiny_overrides(root, tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}"))
+    store = Storage.from_config(cfg.storage)
     with pytest.raises(DataError, match=r"no training images left after filtering \(0 of 6 images kept; dropped: "
                                         r"0 without person annotations, 0 with only crowd annotations, 6 whose boxes "
                                         r"are all empty inside the image, 0 with fewer than"):
-        build_train_loader(cfg, train_index(cfg), rank=0, world_size=1, device=torch.device("cpu"))
+        build_train_loader(cfg, train_index(cfg, store), rank=0, world_size=1, device=torch.device("cpu"), storage=store)
 
 
 def test_fewer_training_images_than_processes_is_refused_counting_each_dropped_image(tmp_path: Path) -> None:
@@ -151,4 +152,5 @@ def test_fewer_training_images_than_processes_is_refused_counting_each_dropped_i
     assert len(KeypointDataset(index, str(tmp_path), Storage(), train=True, min_visible_keypoints=10)) == 1
     with pytest.raises(ValueError, match=r"hand.json: fewer training images than the 2 processes .*\(1 of 4 images "
                                          r"kept; dropped: 1 without person annotations, 1 with only crowd"):
-        build_train_loader(cfg, index, rank=0, world_size=2, device=torch.device("cpu"))
+        build_train_loader(cfg, index, rank=0, world_size=2, device=torch.device("cpu"),
+                           storage=Storage.from_config(cfg.storage))

@@ -16,7 +16,7 @@ import torchvision
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from dist_kp.preemption import EXIT_PREEMPTED
+from dist_kp.distributed.preemption import EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"

@@ -19,16 +19,8 @@ import pytest
 
 from dist_kp.data.index import load_index
 from dist_kp.storage import Storage
-from dist_kp.evaluation import (
-    BACKENDS,
-    STAT_NAMES,
-    EvalBackend,
-    EvaluationError,
-    backend_for,
-    check_sigmas,
-    detection_sets,
-    ground_truth,
-)
+from dist_kp.evaluation.backends import BACKENDS, STAT_NAMES, EvalBackend, backend_for, detection_sets
+from dist_kp.evaluation.results import EvaluationError, check_sigmas, ground_truth
 from tests.test_evaluation import noisy_predictions, val_json
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import torch
 
-from dist_kp.evaluation import outputs_to_results, round_half_even
+from dist_kp.evaluation.results import outputs_to_results, round_half_even
 
 
 def per_detection_reference(outputs: list[dict[str, torch.Tensor]], image_ids: list[int],
@@ -107,7 +107,7 @@ def per_annotation_reference(index, positions: np.ndarray) -> dict:
 def test_ground_truth_equals_the_per_annotation_build(synthetic_root) -> None:
     from dist_kp.data.index import load_index
     from dist_kp.storage import Storage
-    from dist_kp.evaluation import ground_truth
+    from dist_kp.evaluation.results import ground_truth
 
     index = load_index(str(synthetic_root / "annotations" / "person_keypoints_val2017.json"), Storage())
     for positions in (np.arange(len(index)), np.arange(1, len(index), 3), np.zeros(0, np.int64)):

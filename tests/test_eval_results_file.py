@@ -81,7 +81,7 @@ def test_results_of_an_unknown_category_are_counted_in_a_warning(synthetic_root:
 
 
 def test_check_results_names_the_rule_of_each_kind_of_bad_record() -> None:
-    from dist_kp.evaluation import EvaluationError, check_results
+    from dist_kp.evaluation.results import EvaluationError, check_results
 
     good = {"image_id": 1, "category_id": 1, "keypoints": [1.0, 2.0, 1] * 17, "score": 0.5, "bbox": [1, 2, 3, 4]}
     cases = [

@@ -16,7 +16,7 @@ from torchvision.transforms.v2.functional import resize, to_dtype
 from dist_kp.config import load_config
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from dist_kp.export import main as export_main
-from dist_kp.model import build_model, weights_payload
+from dist_kp.model.keypoint_rcnn import build_model, weights_payload
 from dist_kp.predict import load_predictor
 from tests.conftest import TINY_CONFIG, check, run_module
 

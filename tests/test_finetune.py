@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_kp.config import load_config
-from dist_kp.model import WeightsError, build_model
+from dist_kp.model.keypoint_rcnn import WeightsError, build_model
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
 
 FIVE_KEYPOINTS = ["nose", "left_shoulder", "right_shoulder", "left_hip", "right_hip"]

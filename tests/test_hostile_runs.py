@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_kp.checkpoint import CheckpointStore
+from dist_kp.engine.checkpoint import CheckpointStore
 from dist_kp.config import CheckpointConfig
-from dist_kp.run_folder import RunFolder
+from dist_kp.storage.run_folder import RunFolder
 from tests.conftest import TINY_CONFIG, LogReader, check, child_env, run_module, start_module, tiny_overrides, wait_until
 
 QUIET = ("train.workers=0", "eval.every_epochs=0", "eval.at_end=false", "checkpoint.every_steps=1")

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from dist_kp.run_folder import RunFolder
+from dist_kp.storage.run_folder import RunFolder
 from tests.conftest import (
     REPO,
     TINY_CONFIG,

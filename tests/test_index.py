@@ -26,7 +26,7 @@ from dist_kp.data.index import DataError, KeypointIndex, KeypointMeta, index_fro
 from dist_kp.data.index_cache import cached_index
 from dist_kp.data.loaders import build_train_loader, train_index
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON, generate
-from dist_kp.evaluation import ground_truth
+from dist_kp.evaluation.results import ground_truth
 from dist_kp.storage import Storage
 from tests.conftest import REPO, TINY_CONFIG, check, child_env, run_module, tiny_overrides
 
@@ -374,9 +374,10 @@ def test_training_from_s3_gives_the_same_first_batch_as_local_disk(
     for name, root in (("local", str(synthetic_root)), ("s3", f"s3://{bucket}/coco")):
         cfg = load_config(TINY_CONFIG, tiny_overrides(root, tmp_path / name, f"data.cache_dir={tmp_path / name}-cache",
                                                       "train.workers=1", "data.hflip_prob=0.5"))
-        index = train_index(cfg)
+        store = Storage.from_config(cfg.storage)
+        index = train_index(cfg, store)
         assert index.source.startswith("s3://" if name == "s3" else "/")
-        loader, sampler = build_train_loader(cfg, index, rank=1, world_size=2, device=torch.device("cpu"))
+        loader, sampler = build_train_loader(cfg, index, rank=1, world_size=2, device=torch.device("cpu"), storage=store)
         sampler.set_epoch(1)
         batches[name] = next(iter(loader))
     (local_images, local_targets, _), (s3_images, s3_targets, _) = batches["local"], batches["s3"]

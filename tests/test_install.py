@@ -75,7 +75,7 @@ def test_dist_kp_train_help_is_the_train_modules_help(installed: Path, tmp_path:
 def test_the_installed_package_loads_its_own_configs_by_name_and_carries_the_license(
         installed: Path, tmp_path: Path) -> None:
     code = ("import dist_kp, importlib.metadata as m; from dist_kp.config import load_config; "
-            "from dist_kp.packaged_configs import resolve_config; "
+            "from dist_kp.config.packaged import resolve_config; "
             "print(dist_kp.__file__); print(resolve_config('coco_kp_r50_fpn')); "
             "print(load_config('finetune_custom_skeleton').model.weights); "
             "print(m.metadata('dist_kp')['License-Expression'])")

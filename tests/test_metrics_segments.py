@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dist_kp.metrics import SEGMENT_RECORDS, MetricsFile
+from dist_kp.tracking.metrics_file import SEGMENT_RECORDS, MetricsFile
 from dist_kp.report import load_history
-from dist_kp.run_folder import RunFolder, names_a_run_file
+from dist_kp.storage.run_folder import RunFolder, names_a_run_file
 from dist_kp.storage import Storage
 
 CHECKPOINT_EVERY = 20

@@ -11,8 +11,8 @@ import torch
 import torchvision
 
 from dist_kp.config import ModelConfig, ScheduleConfig, load_config
-from dist_kp.schedule import lr_factor
-from dist_kp.model import WeightsError, build_model, load_weights
+from dist_kp.engine.schedule import lr_factor
+from dist_kp.model.keypoint_rcnn import WeightsError, build_model, load_weights
 from tests.conftest import TINY_CONFIG
 
 
@@ -79,7 +79,7 @@ def test_weights_of_another_skeleton_load_every_matching_tensor_and_reinitialise
     torch.manual_seed(1)
     fresh = build_model(cfg, num_keypoints=5).state_dict()
     torch.manual_seed(1)  # the same initialisation, then the weights
-    with caplog.at_level(logging.INFO, logger="dist_kp.model"):
+    with caplog.at_level(logging.INFO, logger="dist_kp.model.keypoint_rcnn"):
         model = build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=5)
     state = model.state_dict()
     for name, tensor in state.items():
@@ -137,7 +137,7 @@ def test_torchvision_weights_by_name_load_from_the_torch_home_cache_without_netw
     imagenet = torchvision.models.resnet18(weights=None).state_dict()  # torchvision's format: a bare state dict
     torch.save(imagenet, cached)
     cfg = load_config(TINY_CONFIG, ["model.backbone_weights=ResNet18_Weights.IMAGENET1K_V1"]).model
-    with caplog.at_level(logging.WARNING, logger="dist_kp.model"):
+    with caplog.at_level(logging.WARNING, logger="dist_kp.model.keypoint_rcnn"):
         model = build_model(cfg, num_keypoints=17)
     body = model.backbone.body.state_dict()
     assert body and all(torch.equal(tensor, imagenet[name]) for name, tensor in body.items())

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from dist_kp.config import ConfigError, load_config
-from dist_kp.hooks import Hook
-from dist_kp.model import unwrap
-from dist_kp.precision import autocast, grad_scaler
+from dist_kp.engine.hooks import Hook
+from dist_kp.model.keypoint_rcnn import unwrap
+from dist_kp.model.precision import autocast, grad_scaler
 from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
 
 

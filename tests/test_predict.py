@@ -14,7 +14,7 @@ from torchvision.io import decode_image
 
 from dist_kp.config import load_config
 from dist_kp.data.index import KeypointMeta
-from dist_kp.model import build_model, weights_payload
+from dist_kp.model.keypoint_rcnn import build_model, weights_payload
 from dist_kp.predict import draw_detections, load_predictor, plan_images, read_photo
 from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_kp.run_folder import names_a_run_file
+from dist_kp.storage.run_folder import names_a_run_file
 from tests.conftest import REPO, child_env
 
 # Commands that need a GPU cluster, a remote bucket, your own files, or are the test suite itself.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dist_kp.config import load_config
-from dist_kp.schedule import lr_factor
+from dist_kp.engine.schedule import lr_factor
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
 from tests.test_hostile_runs import store_of
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from dist_kp.config import load_config
 from dist_kp.data.coco import trainable_images
+from dist_kp.storage import Storage
 from dist_kp.data.loaders import train_index
 from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
 
@@ -34,7 +35,7 @@ def test_requeued_on_3_then_1_processes_mid_epoch_each_epoch_trains_the_dataset_
 ) -> None:
     out = tmp_path / "run"
     cfg = load_config(TINY_CONFIG, tiny_overrides(synthetic_root, out))
-    index = train_index(cfg)
+    index = train_index(cfg, Storage.from_config(cfg.storage))
     dataset = Counter(int(i) for i in index.image_ids[trainable_images(index, cfg.data.min_visible_keypoints)])
     assert len(dataset) == 48
 

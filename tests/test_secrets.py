@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dist_kp.config import ConfigError, config_to_yaml, load_config
-from dist_kp.secrets import is_secret_key, public_storage_options, redact_text, redact_url
+from dist_kp.config.secrets import is_secret_key, public_storage_options, redact_text, redact_url
 from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
 
 PLANTED = "Pl4ntedS3cretValue"

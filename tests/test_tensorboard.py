@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dist_kp.hooks import Hook
-from dist_kp.run_folder import names_a_run_file
+from dist_kp.engine.hooks import Hook
+from dist_kp.storage.run_folder import names_a_run_file
 from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
 from tests.test_tracking import metrics_records, offline_runs, wandb_env
 

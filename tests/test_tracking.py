@@ -11,6 +11,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,8 +20,8 @@ from PIL import Image
 
 from dist_kp.config import ConfigError, load_config
 from dist_kp.report import load_history, plot_ap, plot_losses
-from dist_kp.run_folder import RunFolder
-from dist_kp.secrets import redact
+from dist_kp.storage.run_folder import RunFolder
+from dist_kp.config.secrets import redact
 from tests.conftest import (
     TINY_CONFIG,
     check,
@@ -242,15 +243,15 @@ def test_unreachable_wandb_server_does_not_stop_training_and_warns_once(syntheti
     env = wandb_env(tmp_path / "wandb", WANDB_INIT_TIMEOUT="5", WANDB__GRAPHQL_RETRY_MAX="1")
     env["WANDB_MODE"] = "online"
     result = check(run_module("dist_kp.train", args, env=env, timeout=300))
-    warnings = re.findall(r"WARNING dist_kp.tracking: W&B .* failed", result.stderr)
+    warnings = re.findall(r"WARNING dist_kp.tracking.wandb_run: W&B .* failed", result.stderr)
     assert len(warnings) == 1, result.stderr[-4000:]
     assert sorted(metrics_records(out)) == [1, 2, 3]
     assert "training finished at step 3" in result.stderr
 
 
 def test_wandb_mode_in_the_environment_overrides_the_config(tmp_path: Path, monkeypatch) -> None:
-    from dist_kp.metrics import MetricsFile
-    from dist_kp.tracking import Tracker
+    from dist_kp.tracking.metrics_file import MetricsFile
+    from dist_kp.tracking.wandb_run import Tracker
 
     for key, value in wandb_env(tmp_path / "wandb").items():
         if key.startswith("WANDB_"):
@@ -331,8 +332,8 @@ def test_report_reads_a_run_on_s3(straight_run, s3_server, tmp_path: Path) -> No
 
 def test_a_wandb_failure_mid_run_turns_tracking_off_once_and_records_go_on(tmp_path: Path, monkeypatch,
                                                                             caplog) -> None:
-    from dist_kp.metrics import MetricsFile
-    from dist_kp.tracking import Tracker
+    from dist_kp.tracking.metrics_file import MetricsFile
+    from dist_kp.tracking.wandb_run import Tracker
 
     for key, value in wandb_env(tmp_path / "wandb").items():
         if key.startswith("WANDB_"):
@@ -343,10 +344,11 @@ def test_a_wandb_failure_mid_run_turns_tracking_off_once_and_records_go_on(tmp_p
     tracker = Tracker(cfg, metrics, run_id="midrun1")
     tracker.record({"step": 1, "train/loss": 2.5})
     tracker.run.finish()  # the W&B run goes away under the tracker: its next log call raises
-    with caplog.at_level("WARNING", logger="dist_kp.tracking"):
+    with caplog.at_level("WARNING", logger="dist_kp.tracking.wandb_run"):
         for step in (2, 3, 4):
             tracker.record({"step": step, "train/loss": 2.0})
-        tracker.checkpoint_started(4, "file:///run/checkpoints/step_00000004")
+        # What the checkpoint hook tells the hooks at step 4 (the trainer: only what the tracker reads).
+        tracker.after_checkpoint(SimpleNamespace(progress=SimpleNamespace(step=4)), "file:///run/checkpoints/step_00000004")
     assert tracker.run is None
     assert len([r for r in caplog.records if "training goes on without W&B" in r.getMessage()]) == 1
     assert [r["step"] for r in metrics.records] == [1, 2, 3, 4]

@@ -19,11 +19,6 @@ def join(root: str, path: str) -> str:
     return f"{root.rstrip('/')}/{path}"
 
 
-def data_storage(cfg: Config) -> Storage:
-    """The Storage every data read of this config goes through: the config's `storage` section."""
-    return Storage.from_config(cfg.storage)
-
-
 def _loader_options(cfg: Config, device: torch.device) -> dict:
     workers = cfg.train.workers
     options = {"num_workers": workers, "collate_fn": collate, "pin_memory": device.type == "cuda",
@@ -34,22 +29,22 @@ def _loader_options(cfg: Config, device: torch.device) -> dict:
     return options
 
 
-def train_index(cfg: Config) -> KeypointIndex:
+def train_index(cfg: Config, storage: Storage) -> KeypointIndex:
     """The training index from the node's cache, with the positions that pass data.min_visible_keypoints."""
-    return cached_index(join(cfg.data.root, cfg.data.train_annotations), data_storage(cfg), cfg.data.cache_dir,
+    return cached_index(join(cfg.data.root, cfg.data.train_annotations), storage, cfg.data.cache_dir,
                         cfg.data.min_visible_keypoints)
 
 
-def val_index(cfg: Config) -> KeypointIndex:
+def val_index(cfg: Config, storage: Storage) -> KeypointIndex:
     """The validation index from the node's cache (every image kept)."""
-    return cached_index(join(cfg.data.root, cfg.data.val_annotations), data_storage(cfg), cfg.data.cache_dir)
+    return cached_index(join(cfg.data.root, cfg.data.val_annotations), storage, cfg.data.cache_dir)
 
 
 def build_train_loader(
-    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device
+    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage
 ) -> tuple[torch.utils.data.DataLoader, GroupedDistributedBatchSampler]:
     dataset = KeypointDataset(
-        index, join(cfg.data.root, cfg.data.train_images), data_storage(cfg), train=True,
+        index, join(cfg.data.root, cfg.data.train_images), storage, train=True,
         min_visible_keypoints=cfg.data.min_visible_keypoints, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
     )
     if len(dataset) < world_size:
@@ -66,10 +61,10 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device
+    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage
 ) -> torch.utils.data.DataLoader:
     """This rank's images of the validation set, each image on exactly one rank."""
-    dataset = KeypointDataset(index, join(cfg.data.root, cfg.data.val_images), data_storage(cfg), train=False)
+    dataset = KeypointDataset(index, join(cfg.data.root, cfg.data.val_images), storage, train=False)
     count = len(dataset) if cfg.eval.max_images is None else min(cfg.eval.max_images, len(dataset))
     shard = torch.utils.data.Subset(dataset, eval_shard(count, rank, world_size))
     options = _loader_options(cfg, device)

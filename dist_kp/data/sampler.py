@@ -111,6 +111,20 @@ class GroupedDistributedBatchSampler(torch.utils.data.Sampler[list[SampleKey]]):
         self.start_batch = start_batch
         self.consumed_before = len(consumed)
 
+    def continue_epoch(self, epoch: int, batch: int, earlier: Sequence[Sequence[int]],
+                       saved_world_size: int) -> tuple[int, list[list[int]]]:
+        """Select a resumed epoch; returns where it continues: (batch, earlier) on this world size.
+
+        A position saved by another number of processes mid-epoch becomes one more earlier part
+        (its world size, its batches): this world size continues with the samples it left.
+        """
+        parts = [[int(world_size), int(batches)] for world_size, batches in earlier]
+        if saved_world_size != self.num_replicas and batch:
+            parts.append([saved_world_size, batch])
+            batch = 0
+        self.set_epoch(epoch, start_batch=batch, earlier=parts)
+        return batch, parts
+
     def permutation(self, epoch: int) -> np.ndarray:
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_samples, generator=g).numpy()

@@ -8,6 +8,7 @@
       checkpoints/step_<step>/     state.pt, manifest.json (the manifest last: CheckpointStore)
       eval/<step>/                 results.json, metrics.json, predictions.png (evaluation, tracking)
       model_final.pt               weights and what inference needs (train, at the end)
+      model_best.pt                the same, of the best evaluation so far (checkpoint.keep_best)
       report/                      PNG plots: losses, lr, throughput, ap, predictions (report)
       tensorboard/                 TensorBoard event files, events.out.tfevents.* (tracking.tensorboard, rank 0)
 
@@ -33,6 +34,7 @@ METRICS = "metrics.jsonl"
 METRICS_SEGMENTS = "metrics"
 TRACKING = "tracking.json"
 MODEL_FINAL = "model_final.pt"
+MODEL_BEST = "model_best.pt"
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 REPORT = "report"
@@ -52,7 +54,7 @@ _EVAL_NAME = re.compile(r"\d{8,}")
 _METRICS_SEGMENT_NAME = re.compile(r"part-(\d{6,})\.jsonl")
 # Every relative path the run folder may hold; the regular expressions are anchored.
 _KNOWN = [
-    re.escape(CONFIG), re.escape(METRICS), re.escape(TRACKING), re.escape(MODEL_FINAL),
+    re.escape(CONFIG), re.escape(METRICS), re.escape(TRACKING), re.escape(MODEL_FINAL), re.escape(MODEL_BEST),
     rf"{METRICS_SEGMENTS}/{_METRICS_SEGMENT_NAME.pattern}",
     rf"{CHECKPOINTS}/{_CHECKPOINT_NAME.pattern}/({re.escape(CHECKPOINT_STATE)}|{re.escape(CHECKPOINT_MANIFEST)})",
     rf"{EVAL}/{_EVAL_NAME.pattern}/({'|'.join(map(re.escape, (EVAL_RESULTS, EVAL_METRICS, EVAL_PICTURES)))})",
@@ -152,6 +154,10 @@ class RunFolder:
     @property
     def model_final(self) -> str:
         return self.join(MODEL_FINAL)
+
+    @property
+    def model_best(self) -> str:
+        return self.join(MODEL_BEST)
 
     @property
     def checkpoints(self) -> str:

@@ -1,8 +1,8 @@
 """What rank 0 records about a run: metrics.jsonl, pictures of predictions, and W&B.
 
-    tracker = start_tracking(cfg, folder, run_state)   # every rank; a no-op off rank 0
-    trainer.register(tracker)          # a hook: each logged step's record, then W&B; closes at the end
-    tracker.evaluation(step, output, index)            # AP summaries and prediction pictures
+    tracker = start_tracking(cfg, folder, run_state, run_id, index)   # every rank; a no-op off rank 0
+    trainer.register(tracker)   # a hook: each logged step's record, each evaluation's AP summaries and
+                                # prediction pictures, each checkpoint's URL; closes the W&B run at the end
 
 W&B (`tracking.mode` online or offline) keeps one run per output_dir across restarts: the run
 id is created once, written to OUTPUT_DIR/tracking.json and into every checkpoint, and every
@@ -35,16 +35,15 @@ from dist_kp.config import Config
 from dist_kp.data.coco import build_target, read_image
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import join
-from dist_kp.evaluation import EvalOutput
-from dist_kp.hooks import PREEMPTED, Hook
-from dist_kp.metrics import MetricsFile
-from dist_kp.run_folder import EVAL_PICTURES, RunFolder
-from dist_kp.run_state import RunState
-from dist_kp.secrets import redact
-from dist_kp.visualize import pad_to, people_from_results, tile, truth_and_prediction
+from dist_kp.engine.hooks import PREEMPTED, Hook
+from dist_kp.tracking.metrics_file import MetricsFile
+from dist_kp.storage.run_folder import EVAL_PICTURES, RunFolder
+from dist_kp.engine.run_state import RunState
+from dist_kp.config.secrets import redact
+from dist_kp.tracking.pictures import pad_to, people_from_results, tile, truth_and_prediction
 
 if TYPE_CHECKING:
-    from dist_kp.trainer import Trainer
+    from dist_kp.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +114,6 @@ class NoTracking(Hook):
     def record(self, record: dict[str, Any]) -> None:
         pass
 
-    def evaluation(self, step: int, output: EvalOutput, index: KeypointIndex) -> None:
-        pass
-
-    def checkpoint_started(self, step: int, url: str) -> None:
-        pass
-
     def checkpoint_saved(self, step: int, url: str) -> None:
         pass
 
@@ -142,9 +135,10 @@ class Tracker(NoTracking):
     """
 
     def __init__(self, cfg: Config, metrics: MetricsFile, run_id: str = "", resume_after: int = 0,
-                 folder: RunFolder | None = None) -> None:
+                 index: KeypointIndex | None = None) -> None:
         self.cfg = cfg
-        self.folder = folder or RunFolder.for_config(cfg)
+        self.folder = metrics.folder
+        self.index = index  # the validation index, for the pictures of predictions
         self.metrics = metrics
         self.run_id = run_id
         # Steps up to here were recorded (and perhaps sent to W&B) before this process started.
@@ -211,12 +205,13 @@ class Tracker(NoTracking):
         self.metrics.append(record)
         self._log({k: v for k, v in record.items() if k != "step"}, int(record["step"]))
 
-    def checkpoint_started(self, step: int, url: str) -> None:
-        """A checkpoint of `step` is being written: its URL goes into that step's row (a reference, not an upload).
+    def after_checkpoint(self, trainer: Trainer, url: str) -> None:
+        """A checkpoint of this step is being written: its URL goes into the step's row (a reference, not an upload).
 
         Logged at hand-off, not when the upload ends, so that every checkpoint has its row even when
         several uploads end between two logged steps.
         """
+        step = trainer.progress.step
         self.metrics.checkpoint_started(step)
         self._log({"checkpoint/step": step, "checkpoint/url": url}, step)
 
@@ -225,10 +220,12 @@ class Tracker(NoTracking):
         with self._saved_lock:
             self._saved.append((step, url))
 
-    def evaluation(self, step: int, output: EvalOutput, index: KeypointIndex) -> None:
+    def after_evaluation(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         """AP summaries to W&B; pictures of a fixed set of validation images to PNG (and W&B)."""
-        pictures = self._pictures(step, output.results or [], index)
-        data: dict[str, Any] = dict(output.metrics)
+        step = trainer.progress.step
+        results = trainer.evaluation.results if trainer.evaluation is not None else None
+        pictures = self._pictures(step, results or [], self.index) if self.index is not None else []
+        data: dict[str, Any] = dict(metrics)
         if pictures and self.run is not None:
             import wandb
 
@@ -281,7 +278,8 @@ class Tracker(NoTracking):
             log.info("W&B run %s closed; newest checkpoint %s", self.run_id, newest[1])
 
 
-def start_tracking(cfg: Config, folder: RunFolder, run_state: RunState, run_id: RunId) -> NoTracking:
+def start_tracking(cfg: Config, folder: RunFolder, run_state: RunState, run_id: RunId,
+                   index: KeypointIndex | None = None) -> NoTracking:
     """Rank 0 gets a Tracker, other ranks NoTracking. Call after resuming (`run_id` then holds the checkpoint's).
 
     The W&B run id goes into `run_id`, a part of the run state, so that every checkpoint from
@@ -293,9 +291,9 @@ def start_tracking(cfg: Config, folder: RunFolder, run_state: RunState, run_id: 
     metrics = MetricsFile(folder)
     resumed_step = run_state.resumed.step if run_state.resumed else 0
     if cfg.tracking.mode == "disabled":
-        tracker = Tracker(cfg, metrics, folder=folder)
+        tracker = Tracker(cfg, metrics, index=index)
     else:
         run_id.value, continued = run_id_for(cfg, folder, run_id.value, run_state.starts_over)
-        tracker = Tracker(cfg, metrics, run_id.value, last_logged_step(metrics, folder) if continued else 0, folder)
+        tracker = Tracker(cfg, metrics, run_id.value, last_logged_step(metrics, folder) if continued else 0, index)
     metrics.truncate_after(resumed_step)
     return tracker

@@ -24,7 +24,7 @@ from typing import Any
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from dist_kp.secrets import redact_text
+from dist_kp.config.secrets import redact_text
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import logging
 import os
 import re
@@ -305,6 +306,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     with _collective("broadcast_object_list"):
         dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def parameter_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_replicas_identical(model: torch.nn.Module) -> str:
+    """Raise unless every rank holds bit-identical weights (DDP replicas must never diverge)."""
+    fingerprints = all_gather_objects(parameter_fingerprint(model))
+    if len(set(fingerprints)) != 1:
+        raise RuntimeError(f"model replicas differ across ranks: {fingerprints}")
+    log.info("model replicas identical on %d ranks (sha256 %s)", len(fingerprints), fingerprints[0][:16])
+    return fingerprints[0]
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -1,8 +1,8 @@
 """TensorBoard event files of a run (`tracking.tensorboard`), next to metrics.jsonl and W&B, on rank 0.
 
     tensorboard = start_tensorboard(cfg, folder)    # every rank; a no-op off rank 0 or when off
-    trainer.register(tensorboard)                   # a hook: each logged step's record as scalars
-    tensorboard.evaluation(step, output)            # the evaluation metrics as scalars
+    trainer.register(tensorboard)                   # a hook: each logged step's record and each
+                                                    # evaluation's metrics (after_evaluation) as scalars
 
 The scalars are the ones W&B gets: every number of a training record (losses, lr, throughput)
 and of an evaluation (kp/AP, bbox/AP, ...), on the global step axis. Event files go to
@@ -24,24 +24,20 @@ from typing import TYPE_CHECKING, Any
 
 from dist_kp import distributed
 from dist_kp.config import Config
-from dist_kp.hooks import Hook
-from dist_kp.run_folder import RunFolder
+from dist_kp.engine.hooks import Hook
+from dist_kp.storage.run_folder import RunFolder
 from dist_kp.storage import is_local_url, local_path
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from dist_kp.evaluation import EvalOutput
-    from dist_kp.trainer import Trainer
+    from dist_kp.engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 
 class NoTensorBoard(Hook):
     """What ranks other than 0 get, and every rank when tracking.tensorboard is off."""
-
-    def evaluation(self, step: int, output: EvalOutput) -> None:
-        pass
 
 
 class TensorBoardSink(NoTensorBoard):
@@ -110,8 +106,8 @@ class TensorBoardSink(NoTensorBoard):
         if self.remote:
             self._guard("upload", self._sync)
 
-    def evaluation(self, step: int, output: EvalOutput) -> None:
-        self._guard("write", lambda: self._scalars(dict(output.metrics), step))
+    def after_evaluation(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._guard("write", lambda: self._scalars(dict(metrics), trainer.progress.step))
 
     def after_train(self, trainer: Trainer) -> None:
         if self.remote:

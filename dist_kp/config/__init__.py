@@ -4,7 +4,7 @@
 
 Unknown keys, wrong types and impossible values raise `ConfigError`, whose message names
 the key and the file it came from. Keys that name a credential are refused at any depth
-(`dist_kp.secrets`), and a JSON dump of any section (`model_dump(mode="json")`: config.yaml,
+(`dist_kp.config.secrets`), and a JSON dump of any section (`model_dump(mode="json")`: config.yaml,
 checkpoints, W&B) never holds one: URL passwords and query strings, and the values of storage
 options off the allow list, read `<redacted>`.
 """
@@ -30,8 +30,9 @@ from pydantic import (
     model_validator,
 )
 
-from dist_kp.packaged_configs import resolve_config
-from dist_kp.secrets import public_storage_options, redact, redact_text, redact_url, secret_key_paths
+from dist_kp.config.errors import ConfigError
+from dist_kp.config.packaged import resolve_config
+from dist_kp.config.secrets import public_storage_options, redact, redact_text, redact_url, secret_key_paths
 
 COCO_KEYPOINT_SIGMAS = [
     0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72,
@@ -52,10 +53,6 @@ MOVED_KEYS = {
     ("checkpoint", "timeout_s"): ("storage.timeout_s", "one storage section for data reads and outputs"),
     ("train", "amp"): ("train.precision", "fp32, fp16 or bf16; amp: true was fp16"),
 }
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names the key and the source."""
 
 
 class Section(BaseModel):
@@ -188,6 +185,14 @@ class ScheduleConfig(Section):
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="lr factor at the first iteration of warmup.")
 
 
+class EarlyStopConfig(Section):
+    """train.early_stop: stop when an evaluation metric stops improving."""
+
+    metric: str = Field("kp/AP", description="Evaluation metric watched (kp/AP, bbox/AP, kp/AR, ...).")
+    patience: int = Field(3, ge=1, description="Evaluations in a row without improvement before training stops.")
+    mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better.")
+
+
 class TrainConfig(Section):
     """The training loop. batch_size is per process."""
 
@@ -210,7 +215,11 @@ class TrainConfig(Section):
         "exits without a checkpoint."
     )
     hooks: list[str] = Field(
-        default_factory=list, description='Extra training hooks, "module:Class" each, built with the config.'
+        default_factory=list, description='Extra training hooks, "module:Class" each (a subclass of dist_kp.Hook), '
+        "built with the config."
+    )
+    early_stop: EarlyStopConfig | None = Field(
+        None, description="Stop after `patience` evaluations without a better `metric`; null: train to the end."
     )
 
 
@@ -245,6 +254,11 @@ class CheckpointConfig(Section):
     overwrite: bool = Field(
         False, description="With resume: none, start over in an output_dir that has checkpoints (deletes them)."
     )
+    keep_best: str | None = Field(
+        None, description="Evaluation metric (kp/AP, bbox/AP, ...) whose best value so far keeps "
+        "OUTPUT_DIR/model_best.pt; null: no best weights file."
+    )
+    keep_best_mode: Literal["max", "min"] = Field("max", description="keep_best: max (higher is better) or min.")
 
 
 class TrackingConfig(Section):

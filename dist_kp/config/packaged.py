@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from dist_kp.config.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SUFFIXES = (".yaml", ".yml")
 
 
@@ -36,7 +38,5 @@ def resolve_config(path: str | Path | None) -> str | Path | None:
         return packaged
     if Path(path).is_file():
         return path
-    from dist_kp.config import ConfigError  # config imports this module
-
     raise ConfigError(f"no packaged config named {path!r} (packaged: {', '.join(packaged_config_names()) or 'none'});"
                       " give a name from that list or the path of a YAML file")

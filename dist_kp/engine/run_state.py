@@ -28,7 +28,7 @@ from dist_kp import distributed
 from dist_kp.config import Config
 
 if TYPE_CHECKING:
-    from dist_kp.checkpoint import CheckpointStore
+    from dist_kp.engine.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class RunState:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.parts: dict[str, Stateful] = {}
+        self.optional: set[str] = set()  # parts a checkpoint may lack (hooks)
         self.versions = versions()
         self.resumed: Resumed | None = None
 
@@ -151,6 +152,21 @@ class RunState:
         if name in self.parts or name in ("rng", "world_size", "config", "versions", "epoch_end"):
             raise ValueError(f"run state part {name!r} is registered twice")
         self.parts[name] = part
+
+    def register_hook(self, hook: Stateful) -> str:
+        """A hook's state, saved as "hook:<module>.<class>" (numbered when a class is registered twice).
+
+        Unlike the other parts it may be missing from a checkpoint (a hook added since): it then
+        starts fresh. Returns the name.
+        """
+        base = f"hook:{type(hook).__module__}.{type(hook).__qualname__}"
+        name, n = base, 1
+        while name in self.parts:
+            n += 1
+            name = f"{base}#{n}"
+        self.register(name, hook)
+        self.optional.add(name)
+        return name
 
     def capture(self, epoch_end: bool = False) -> dict[str, Any] | None:
         """A CPU snapshot on rank 0, None elsewhere (collective: every rank hands over its RNG states)."""
@@ -176,7 +192,7 @@ class RunState:
                 f"{source} was written by a run with another {listed}; resume it with the config it was written "
                 "with, or start a new run (another output_dir, or checkpoint.resume=none with checkpoint.overwrite=true)"
             )
-        missing = [name for name in self.parts if name not in state]
+        missing = [name for name in self.parts if name not in state and name not in self.optional]
         if missing:
             raise ResumeError(f"{source} holds no {', '.join(missing)}: it was not written by this version of dist_kp")
         if distributed.is_main_process():
@@ -188,7 +204,10 @@ class RunState:
         """Load a snapshot into the live objects; each rank takes its own RNG states."""
         self.check_compatible(state, source)
         for name, part in self.parts.items():
-            part.load_state_dict(state[name])
+            if name in state:
+                part.load_state_dict(state[name])
+            elif distributed.is_main_process():
+                log.info("%s holds no state of %s: it starts fresh", source, name.removeprefix("hook:"))
         rank, saved_world = distributed.get_rank(), state["world_size"]
         if saved_world == distributed.get_world_size():
             set_rng_state(state["rng"][rank])

@@ -25,9 +25,9 @@ import torch
 
 from dist_kp import storage
 from dist_kp.config import CheckpointConfig
-from dist_kp.run_folder import CHECKPOINT_MANIFEST as MANIFEST
-from dist_kp.run_folder import CHECKPOINT_STATE as STATE_FILE
-from dist_kp.run_folder import RunFolder
+from dist_kp.storage.run_folder import CHECKPOINT_MANIFEST as MANIFEST
+from dist_kp.storage.run_folder import CHECKPOINT_STATE as STATE_FILE
+from dist_kp.storage.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,18 @@
 """The training loop and every progress counter; periodic actions are hooks.
 
-    trainer = Trainer(cfg, model, optimizer, scheduler, scaler, loader, sampler, device)
+    trainer = Trainer(cfg.train, model, optimizer, scheduler, scaler, loader, sampler, device)
     trainer.register(hook)            # checkpoint, evaluation, tracking, preemption, your own
     trainer.train()
 
 One function per loop, as in torchvision's reference engine: `train` walks the epochs,
-`train_one_epoch` the steps of one epoch. Hooks see the trainer after every step, at every
-epoch end and once at the end (see dist_kp.hooks); a hook ends training with `request_stop`.
+`train_one_epoch` the steps of one epoch. Hooks see the trainer at every event
+(dist_kp.engine.hooks); a hook emits the events it causes (`trainer.emit("after_evaluation",
+metrics)`) and ends training with `request_stop`.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import math
 import time
@@ -26,14 +26,15 @@ import torch
 from torch import nn
 
 from dist_kp import distributed
-from dist_kp.config import Config
+from dist_kp.config import TrainConfig
 from dist_kp.data.sampler import GroupedDistributedBatchSampler
-from dist_kp.precision import autocast
-from dist_kp.schedule import ProgressSchedule, apply_optim_config
+from dist_kp.model.precision import autocast
+from dist_kp.engine.schedule import ProgressSchedule
 
 if TYPE_CHECKING:
-    from dist_kp.hooks import Hook
-    from dist_kp.run_state import Resumed
+    from dist_kp.engine.hooks import Hook
+    from dist_kp.engine.run_state import Resumed
+    from dist_kp.evaluation.evaluator import EvalOutput
 
 log = logging.getLogger(__name__)
 
@@ -102,35 +103,19 @@ def to_device(
     return images, targets
 
 
-def parameter_fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer, in state-dict order."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def check_replicas_identical(model: nn.Module) -> str:
-    """Raise unless every rank holds bit-identical weights (DDP replicas must never diverge)."""
-    fingerprints = distributed.all_gather_objects(parameter_fingerprint(model))
-    if len(set(fingerprints)) != 1:
-        raise RuntimeError(f"model replicas differ across ranks: {fingerprints}")
-    log.info("model replicas identical on %d ranks (sha256 %s)", len(fingerprints), fingerprints[0][:16])
-    return fingerprints[0]
-
-
 class Trainer:
     """Owns the loop and the progress counters (epoch, batch within the epoch, global step).
 
-    The epoch length comes from the sampler and the stop condition from train.epochs and
-    train.max_steps, each computed here once; hooks read them from the trainer.
+    It gets what it uses: the `train` config section, the model and its optimizer, LR schedule
+    and grad scaler, the loader with its sampler, the device. The epoch length comes from the
+    sampler and the stop condition from train.epochs and train.max_steps, each computed here
+    once; hooks read them from the trainer.
     """
 
     def __init__(
-        self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+        self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
         scheduler: ProgressSchedule, scaler: torch.amp.GradScaler, loader: Iterable,
-        sampler: GroupedDistributedBatchSampler, device: torch.device,
+        sampler: GroupedDistributedBatchSampler, device: torch.device, clip_grad_norm: float | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -140,39 +125,36 @@ class Trainer:
         self.loader = loader
         self.sampler = sampler
         self.device = device
+        self.clip_grad_norm = clip_grad_norm
         self.progress = TrainProgress()
         self.steps_per_epoch = sampler.batches_per_epoch
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.total_steps = self._capped(cfg.epochs * self.steps_per_epoch)
         self.hooks: list[Hook] = []
-        # Why training ends before its last step ("preempted"); None while it goes on.
+        # Why training ends before its last step ("preempted", "early stop"); None while it goes on.
         self.stop_reason: str | None = None
         # This step's training record (losses, lr, throughput) when it is a logged step, else None.
         self.log_record: dict[str, Any] | None = None
         # This step's targets on this rank, as the loader gave them (image_id says which samples they are).
         self.batch_targets: list[dict[str, torch.Tensor]] = []
+        # The newest evaluation (set by the evaluation hook before it tells the hooks the metrics).
+        self.evaluation: EvalOutput | None = None
         scheduler.follow(self.schedule_position)
 
+    def _capped(self, steps: int) -> int:
+        return steps if self.cfg.max_steps is None else min(steps, self.cfg.max_steps)
+
     def continue_from(self, resumed: Resumed) -> None:
-        """Take over a checkpoint's position; from it on, the config's optimizer values apply.
+        """Take over a checkpoint's position (progress is restored by then).
 
         A checkpoint written by another number of processes continues its epoch exactly: the
-        part trained so far becomes (its world size, batches) in progress.earlier, from which
-        the sampler knows the samples it consumed; the epoch goes on with the others.
+        sampler turns the part trained so far into one more earlier part of the epoch.
         """
         p, world_size = self.progress, distributed.get_world_size()
-        if resumed.world_size != world_size and p.batch:
-            p.earlier.append([resumed.world_size, p.batch])
-            p.batch = 0
-        self.sampler.set_epoch(p.epoch, start_batch=p.batch, earlier=p.earlier)
-        apply_optim_config(self.optimizer, self.scheduler, self.cfg.optim)
-        later_epochs = (self.cfg.train.epochs - p.epoch - 1) * self.steps_per_epoch
-        self.total_steps = p.step + len(self.sampler) + later_epochs
-        if self.cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, self.cfg.train.max_steps)
+        p.batch, p.earlier = self.sampler.continue_epoch(p.epoch, p.batch, p.earlier, resumed.world_size)
+        later_epochs = (self.cfg.epochs - p.epoch - 1) * self.steps_per_epoch
+        self.total_steps = self._capped(p.step + len(self.sampler) + later_epochs)
         if resumed.world_size != world_size and distributed.is_main_process():
-            batch = self.cfg.train.batch_size
+            batch = self.sampler.batch_size
             log.warning("resumed on %d process%s, checkpoint written by %d; continuing epoch %d at sample %s of %s "
                         "(%d steps per process left in it; %d images per step, were %d: optim.lr is not rescaled)",
                         world_size, "es" if world_size > 1 else "", resumed.world_size, p.epoch,
@@ -195,28 +177,29 @@ class Trainer:
     @property
     def finished(self) -> bool:
         """True once every epoch is trained or train.max_steps steps are done."""
-        max_steps = self.cfg.train.max_steps
-        return self.progress.epoch >= self.cfg.train.epochs or (max_steps is not None and self.progress.step >= max_steps)
+        max_steps = self.cfg.max_steps
+        return self.progress.epoch >= self.cfg.epochs or (max_steps is not None and self.progress.step >= max_steps)
 
     @property
     def epoch_complete(self) -> bool:
         return self.progress.batch == self.sampler.batches_this_epoch
 
-    def _call(self, event: str) -> None:
+    def emit(self, event: str, *args: Any) -> None:
+        """Call `event` on every hook, in registration order (hooks emit after_evaluation, after_checkpoint)."""
         for hook in self.hooks:
-            getattr(hook, event)(self)
+            getattr(hook, event)(self, *args)
 
     def train(self) -> None:
         """Train from the current progress to the end, or until a hook asks to stop."""
-        self._call("before_train")
+        self.emit("before_train")
         while not self.finished and self.stop_reason is None:
             self.train_one_epoch()
             if self.stop_reason is None and self.epoch_complete:
                 self.progress.epoch += 1
                 self.progress.batch = 0
                 self.progress.earlier = []
-                self._call("after_epoch")
-        self._call("after_train")
+                self.emit("after_epoch")
+        self.emit("after_train")
 
     def train_one_epoch(self) -> None:
         """Train the rest of the current epoch, or until max_steps or a stop request.
@@ -239,9 +222,9 @@ class Trainer:
             for name, value in reduced.items():
                 meters.setdefault(name, SmoothedValue()).update(value)
             step_time.update(time.perf_counter() - end)
-            logged = self.progress.step % self.cfg.train.log_every == 0 or self.epoch_complete
+            logged = self.progress.step % self.cfg.log_every == 0 or self.epoch_complete
             self.log_record = self._log_step(meters, data_time, step_time, skipped_total) if logged else None
-            self._call("after_step")
+            self.emit("after_step")
             if self.stop_reason is not None or self.finished:
                 break
             end = time.perf_counter()
@@ -254,16 +237,16 @@ class Trainer:
         """One optimizer step; returns the loss terms averaged over ranks."""
         distributed.training_step(self.progress.step + 1)
         images, targets = to_device(images, targets, self.device)
-        with autocast(self.cfg.train.precision, self.device):
+        with autocast(self.cfg.precision, self.device):
             losses = self.model(images, targets)
         loss = sum(losses.values())
         reduced = distributed.all_reduce_mean({**losses, "loss": loss})
         self._check_finite(losses, reduced)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.cfg.optim.clip_grad_norm is not None:
+        if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.progress.batch += 1
@@ -287,7 +270,7 @@ class Trainer:
         """Rank 0's progress line; the step's record (every rank builds it, tracking sends rank 0's)."""
         p = self.progress
         lr = self.optimizer.param_groups[0]["lr"]
-        images_per_s = self.cfg.train.batch_size * distributed.get_world_size() / max(step_time.smoothed, 1e-9)
+        images_per_s = self.sampler.batch_size * distributed.get_world_size() / max(step_time.smoothed, 1e-9)
         eta = datetime.timedelta(seconds=int(step_time.smoothed * max(self.total_steps - p.step, 0)))
         max_mem_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         if distributed.is_main_process():

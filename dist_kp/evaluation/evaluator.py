@@ -1,0 +1,129 @@
+"""The evaluation of a run: per-rank matching of each rank's shard, one merge on rank 0, the files it writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dist_kp import distributed
+from dist_kp.config import COCO_KEYPOINT_SIGMAS, Config
+from dist_kp.data.index import KeypointIndex
+from dist_kp.data.loaders import build_eval_loader
+from dist_kp.evaluation.backends import (
+    STAT_NAMES,
+    backend_for,
+    detection_sets,
+    metrics_dict,
+    summary_text,
+)
+from dist_kp.evaluation.inference import predict
+from dist_kp.evaluation.results import check_sigmas, ground_truth
+from dist_kp.model.keypoint_rcnn import unwrap
+from dist_kp.storage.run_folder import EVAL_METRICS, EVAL_RESULTS, RunFolder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOutput:
+    """What an evaluation returns on every rank; `results` (all ranks' records) only on rank 0."""
+
+    metrics: dict[str, float]
+    results: list[dict[str, Any]] | None
+    summary: str
+
+
+def evaluate_results(
+    gt_dataset: dict[str, Any], results: list[dict[str, Any]], backend: str, sigmas: list[float] | None,
+    iou_types: tuple[str, ...] = ("keypoints", "bbox"), keypoint_area: str = "keypoints",
+) -> EvalOutput:
+    """Evaluate one complete results list in this process (used for external results files)."""
+    category = gt_dataset["categories"][0]
+    num_keypoints = len(category.get("keypoints", [])) or len(COCO_KEYPOINT_SIGMAS)
+    oks_sigmas = check_sigmas(sigmas, num_keypoints)
+    library = backend_for(backend)
+    gt = library.coco(gt_dataset)
+    dts = detection_sets(library, gt, results, iou_types, keypoint_area)
+    image_ids = sorted(gt.getImgIds())
+    stats = {t: library.merge(t, [library.match(gt, dts[t], t, oks_sigmas, image_ids)]) for t in iou_types}
+    return EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
+
+
+def evaluate_distributed(
+    index: KeypointIndex, local_positions: np.ndarray, local_results: list[dict[str, Any]], backend: str,
+    sigmas: list[float] | None, keypoint_area: str = "keypoints",
+) -> EvalOutput:
+    """Match this rank's images, merge on rank 0, and give every rank the metrics."""
+    oks_sigmas = check_sigmas(sigmas, index.meta.num_keypoints)
+    library = backend_for(backend)
+    local_gt = library.coco(ground_truth(index, local_positions))
+    local_dts = detection_sets(library, local_gt, local_results, tuple(STAT_NAMES), keypoint_area)
+    local_ids = [int(index.image_ids[i]) for i in local_positions.tolist()]
+    parts = {t: library.match(local_gt, local_dts[t], t, oks_sigmas, local_ids) for t in STAT_NAMES}
+    gathered = distributed.gather_objects((parts, local_results))
+    output = None
+    if gathered is not None:
+        results = [r for _, rank_results in gathered for r in rank_results]
+        stats = {t: library.merge(t, [rank_parts[t] for rank_parts, _ in gathered]) for t in STAT_NAMES}
+        output = EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
+    metrics = distributed.broadcast_object(output.metrics if output else None)
+    return output or EvalOutput(metrics, None, "")
+
+
+def write_outputs(folder: RunFolder, step: int, output: EvalOutput) -> str:
+    """results.json and metrics.json under OUTPUT_DIR/eval/<step>/ (rank 0); returns the folder URL."""
+    folder.write(folder.eval_file(step, EVAL_RESULTS), json.dumps(output.results or []).encode())
+    folder.write(folder.eval_file(step, EVAL_METRICS), json.dumps({"step": step, **output.metrics}, indent=1).encode())
+    return folder.eval_folder(step)
+
+
+class Evaluator:
+    """The evaluation of a run's validation set, built once (detectron2's DatasetEvaluator shape):
+
+        evaluator = Evaluator(cfg, index, folder, device)  # this rank's shard and loader, backend checked
+        evaluator.process(model)                           # inference on this rank's shard
+        output = evaluator.evaluate(step)                  # collective: merge on rank 0, files, metrics everywhere
+
+    Rank 0 logs both summaries and writes results.json and metrics.json under
+    OUTPUT_DIR/eval/<step>/; every rank gets the metrics dict.
+    """
+
+    def __init__(self, cfg: Config, index: KeypointIndex, folder: RunFolder, device: torch.device) -> None:
+        check_sigmas(cfg.eval.sigmas, index.meta.num_keypoints)  # a wrong eval.sigmas fails at start
+        backend_for(cfg.eval.backend)
+        self.cfg = cfg.eval
+        self.precision = cfg.train.precision
+        self.index = index
+        self.folder = folder
+        self.device = device
+        self.loader = build_eval_loader(cfg, index, distributed.get_rank(), distributed.get_world_size(), device,
+                                        folder.storage)
+        self.positions = np.asarray(self.loader.dataset.indices, np.int64)
+        self.results: list[dict[str, Any]] = []
+
+    def process(self, model: nn.Module) -> None:
+        """Inference on this rank's images; their result records wait for `evaluate`."""
+        self.results = predict(unwrap(model), self.loader, self.device, self.index.meta.category_id, self.precision)
+
+    def evaluate(self, step: int) -> EvalOutput:
+        """The merged COCO evaluation of what `process` found (a collective); rank 0 writes and logs it."""
+        output = evaluate_distributed(self.index, self.positions, self.results, self.cfg.backend, self.cfg.sigmas,
+                                      self.cfg.keypoint_area)
+        self.results = []
+        if distributed.is_main_process():
+            written = write_outputs(self.folder, step, output)
+            log.info("evaluation at step %d (%d images, %d detections, %s):\n%s\nwritten to %s", step,
+                     len(self.index) if self.cfg.max_images is None else min(self.cfg.max_images, len(self.index)),
+                     len(output.results or []), self.cfg.backend, output.summary, written)
+        return output
+
+    def run(self, model: nn.Module, step: int) -> EvalOutput:
+        """`process` then `evaluate`: what the training's evaluation hook calls."""
+        self.process(model)
+        return self.evaluate(step)
