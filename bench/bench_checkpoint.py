@@ -32,13 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_kp.engine.checkpoint import CheckpointStore  # noqa: E402
 from dist_kp.config import Config, load_config  # noqa: E402
-from dist_kp.model.keypoint_rcnn import build_model  # noqa: E402
-from dist_kp.storage.run_folder import RunFolder  # noqa: E402
+from dist_kp.engine.checkpoint import CheckpointStore  # noqa: E402
 from dist_kp.engine.run_state import RunState  # noqa: E402
 from dist_kp.engine.schedule import build_optimizer, build_scheduler  # noqa: E402
 from dist_kp.engine.trainer import TrainProgress  # noqa: E402
+from dist_kp.model.keypoint_rcnn import build_model  # noqa: E402
+from dist_kp.storage.run_folder import RunFolder  # noqa: E402
 
 log = logging.getLogger("bench_checkpoint")
 REPO = Path(__file__).resolve().parents[1]

@@ -119,10 +119,10 @@ def worker(gt_path: str, results_path: str, backend: str, out: str) -> None:
     """One rank: its shard of the images and their results; evaluate_distributed, then the same phase by phase."""
     from dist_kp import distributed
     from dist_kp.data.index import load_index
-    from dist_kp.storage import Storage
     from dist_kp.evaluation.backends import STAT_NAMES, backend_for, detection_sets
     from dist_kp.evaluation.evaluator import evaluate_distributed
     from dist_kp.evaluation.results import check_sigmas, ground_truth
+    from dist_kp.storage import Storage
 
     distributed.init_distributed("cpu")
     index = load_index(gt_path, Storage())

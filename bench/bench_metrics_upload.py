@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dist_kp.tracking.metrics_file import MetricsFile  # noqa: E402
-from dist_kp.storage.run_folder import RunFolder  # noqa: E402
 from dist_kp.storage import Storage  # noqa: E402
+from dist_kp.storage.run_folder import RunFolder  # noqa: E402
+from dist_kp.tracking.metrics_file import MetricsFile  # noqa: E402
 from tests.s3_server import start_server  # noqa: E402
 from tests.test_metrics_segments import CountingProxy, training_record  # noqa: E402
 

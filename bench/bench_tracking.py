@@ -27,9 +27,9 @@ from dist_kp.config import load_config  # noqa: E402
 from dist_kp.data.index import load_index  # noqa: E402
 from dist_kp.evaluation.backends import metrics_dict
 from dist_kp.evaluation.evaluator import EvalOutput  # noqa: E402
-from dist_kp.tracking.metrics_file import MetricsFile  # noqa: E402
-from dist_kp.storage.run_folder import RunFolder  # noqa: E402
 from dist_kp.storage import Storage  # noqa: E402
+from dist_kp.storage.run_folder import RunFolder  # noqa: E402
+from dist_kp.tracking.metrics_file import MetricsFile  # noqa: E402
 from dist_kp.tracking.wandb_run import Tracker  # noqa: E402
 
 log = logging.getLogger("bench_tracking")

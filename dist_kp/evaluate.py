@@ -30,8 +30,8 @@ from dist_kp.data.loaders import val_index
 from dist_kp.evaluation.backends import BACKENDS, KEYPOINT_AREAS
 from dist_kp.evaluation.evaluator import Evaluator, evaluate_results
 from dist_kp.evaluation.results import EvaluationError, check_results, ground_truth
-from dist_kp.storage.run_folder import RunFolder
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model
+from dist_kp.storage.run_folder import RunFolder
 
 log = logging.getLogger("dist_kp.evaluate")
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dist_kp import storage
-from dist_kp.tracking.metrics_file import MetricsFile
 from dist_kp.storage.run_folder import EVAL_METRICS, EVAL_PICTURES, RunFolder
+from dist_kp.tracking.metrics_file import MetricsFile
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

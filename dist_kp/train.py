@@ -29,6 +29,7 @@ from dist_kp.data.sampler import BatchSizeError
 from dist_kp.distributed import LaunchError
 from dist_kp.distributed.preemption import PreemptionHandler
 from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore
+from dist_kp.engine.checkpointer import Checkpointer
 from dist_kp.engine.hooks import (
     EARLY_STOP,
     BestWeightsHook,
@@ -141,12 +142,12 @@ def run(cfg: Config) -> int:
     for hook in stateful_hooks:
         if has_state(hook):
             state.register_hook(hook)
-    checkpoints = CheckpointStore(folder, cfg.checkpoint)
-    resumed = state.resume(checkpoints)
+    checkpointer = Checkpointer(state, CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
+    resumed = checkpointer.load()
     if resumed:
         trainer.continue_from(resumed)
         apply_optim_config(optimizer, scheduler, cfg.optim)  # the config's optimizer values from now on
-    tracker = start_tracking(cfg, folder, state, run_id, evaluation_index)
+    tracker = start_tracking(cfg, folder, checkpointer, run_id, evaluation_index)
     if info.is_main:
         if resumed:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed.url, resumed.step, resumed.epoch,
@@ -157,7 +158,7 @@ def run(cfg: Config) -> int:
     # Evaluation before the checkpoint at an epoch's end: the checkpoint then holds what hooks made of it.
     hooks = [
         *([EvaluationHook(cfg.eval, evaluator)] if evaluator is not None else []),
-        CheckpointHook(checkpoints, state, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
+        CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
         FinalWeightsHook(folder, cfg.model, meta),
         tracker,
         start_tensorboard(cfg, folder),

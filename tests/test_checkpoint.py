@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore
+from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore, ResumeChoice, choose_checkpoint
 from dist_kp.config import CheckpointConfig
 from dist_kp.storage.run_folder import RunFolder
 from dist_kp.storage import BOTOCORE_ATTEMPTS, S3FS_ATTEMPTS
@@ -147,7 +147,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(straight_run: Path
 def test_resume_from_an_explicit_url_takes_that_checkpoint(straight_run: Path) -> None:
     store = make_store(straight_run)
     oldest = store.steps()[0]
-    url, state = store.resolve(f"file://{straight_run}/checkpoints/step_{oldest:08d}")
+    (url, state), _ = store.resolve(f"file://{straight_run}/checkpoints/step_{oldest:08d}")
     assert state["progress"]["step"] == oldest and oldest < STEPS
 
 
@@ -197,12 +197,15 @@ def test_resume_none_refuses_an_output_dir_with_checkpoints(straight_run: Path, 
     assert "already holds checkpoints" in result.stderr and "checkpoint.overwrite=true" in result.stderr
 
 
-def test_resume_none_with_overwrite_deletes_the_earlier_runs_checkpoints(tmp_path: Path) -> None:
+def test_resume_none_with_overwrite_deletes_the_earlier_runs_checkpoints_after_the_decision(tmp_path: Path) -> None:
     earlier = make_store(tmp_path)
     for step in (10, 20):
         earlier.write(step, tiny_state(step))
     store = make_store(tmp_path, resume="none", overwrite=True)
-    assert store.resolve("none") is None
+    found, choice = store.resolve("none")
+    assert found is None and choice.start_over == (10, 20)
+    assert store.steps() == [10, 20]  # deciding deletes nothing
+    store.remove_earlier(choice)
     assert store.steps() == []
     store.write(2, tiny_state(2))
     assert store.latest()[0] == store.step_url(2)  # the next `resume: auto` continues the new run
@@ -372,3 +375,23 @@ def test_s3_server_frozen_or_stopped_fails_in_bounded_time_and_keeps_the_last_ch
         if server.process:
             os.kill(server.process.pid, signal.SIGCONT)
         server.stop()
+
+
+def test_choosing_a_checkpoint_is_a_pure_function_of_the_manifests() -> None:
+    def url(step: int) -> str:
+        return f"s3://b/run/checkpoints/step_{step:08d}"
+
+    old = {"lineage": "aaa", "origin": None, "created": 1.0}
+    branch = {"lineage": "bbb", "origin": url(2), "created": 2.0}
+    valid = [(4, old), (3, branch)]  # oldest written first: the branch's step 3 is the newest
+    auto = choose_checkpoint("auto", False, valid, [2, 3, 4, 5], url)
+    assert [(c.url, c.lineage) for c in auto.candidates] == [(url(3), "bbb"), (url(4), "aaa")]
+    assert auto.explicit is None and auto.start_over == ()
+    explicit = choose_checkpoint(url(2), False, valid, [2, 3, 4, 5], url)
+    assert [c.url for c in explicit.candidates] == [url(3)] and explicit.explicit == url(2)
+    first = choose_checkpoint(url(4), False, valid, [2, 3, 4, 5], url)
+    assert first.candidates == () and first.explicit == url(4)
+    assert choose_checkpoint("none", True, valid, [2, 3, 4, 5], url).start_over == (2, 3, 4, 5)
+    assert choose_checkpoint("none", False, [], [], url) == ResumeChoice()
+    with pytest.raises(CheckpointError, match=r"s3://b/run/checkpoints already holds checkpoints"):
+        choose_checkpoint("none", False, valid, [2, 3, 4, 5], url)

@@ -61,7 +61,7 @@ def test_resuming_an_earlier_step_keeps_the_new_checkpoints_and_auto_continues_t
     assert "checkpoint step 3 saved" in result.stderr
     store = store_of(out)
     assert 3 in store.steps() and store.manifest(3)["origin"] == branch
-    url, state = store.resolve("auto")
+    (url, state), _ = store.resolve("auto")
     # The next `resume=auto` continues this run's step 3, not the earlier run's step 4.
     assert url.endswith("step_00000003") and state["progress"]["step"] == 3
     assert 4 in store.steps()  # another run's checkpoint: not deleted to make room

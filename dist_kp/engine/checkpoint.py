@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,6 +64,54 @@ def _lower_thread_priority() -> None:
     """Nice the writer thread (Linux niceness is per thread): steps and loader workers go first."""
     if sys.platform == "linux":
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A checkpoint a start may resume from, and the lineage/origin its saves then continue."""
+
+    url: str
+    lineage: str
+    origin: str | None
+
+
+@dataclass(frozen=True)
+class ResumeChoice:
+    """What checkpoint.resume makes of the checkpoints in the folder, decided from their manifests alone.
+
+    `candidates` are tried in order; the first that loads is resumed from. None loading: a fresh
+    start, or, for an explicit URL (`explicit`) not taken before, that URL itself. `start_over`:
+    the steps of an earlier run that resume=none with overwrite replaces.
+    """
+
+    candidates: tuple[Candidate, ...] = ()
+    explicit: str | None = None
+    start_over: tuple[int, ...] = ()
+
+
+def choose_checkpoint(resume: str, overwrite: bool, valid: list[tuple[int, dict[str, Any]]], steps: list[int],
+                      step_url: Callable[[int], str]) -> ResumeChoice:
+    """The resume decision as a pure function of checkpoint.resume, checkpoint.overwrite, the complete
+    checkpoints (step, manifest; the most recently written last) and every step folder present.
+
+    auto: the complete checkpoints, newest first (past a corrupt one to the next). none: a fresh
+    start; refused where checkpoints exist unless overwrite. A URL: at the first start that URL;
+    at later starts (the same command again) the checkpoints this run saved since, newest first.
+    """
+    if resume == "none":
+        if steps and not overwrite:
+            raise CheckpointError(
+                f"{step_url(steps[0]).rsplit('/', 1)[0]} already holds checkpoints and checkpoint.resume=none: set "
+                "checkpoint.resume=auto to continue that run, or checkpoint.overwrite=true to start over"
+            )
+        return ResumeChoice(start_over=tuple(steps))
+    if resume == "auto":
+        return ResumeChoice(tuple(Candidate(step_url(s), m.get("lineage", ""), m.get("origin"))
+                                  for s, m in reversed(valid)))
+    origin = normalized_url(resume)
+    own = [(s, m) for s, m in valid if m.get("origin") == origin]
+    return ResumeChoice(tuple(Candidate(step_url(s), m.get("lineage", ""), origin) for s, m in reversed(own)),
+                        explicit=resume)
 
 
 class CheckpointStore:
@@ -264,55 +313,42 @@ class CheckpointStore:
             log.info("aborted %d unfinished uploads under %s (left by an interrupted save)", len(uploads), self.url)
         return len(uploads)
 
-    def resolve(self, resume: str) -> tuple[str, dict[str, Any]] | None:
+    def resolve(self, resume: str) -> tuple[tuple[str, dict[str, Any]] | None, ResumeChoice]:
         """The checkpoint to resume from per checkpoint.resume (auto, none, or a URL); rank 0, at start.
 
-        The chosen checkpoint is protected from pruning for the rest of this run.
+        Lists the folder, decides (`choose_checkpoint`, no I/O), then loads the first candidate that
+        loads. Deletes nothing: what `resume=none` replaces is in the choice, for the caller to
+        remove (`remove_earlier`). The chosen checkpoint is protected from pruning for the rest of
+        this run; this run's saves continue its lineage (or start a new one).
         """
         self.abort_unfinished_uploads()
-        if resume == "none":
-            old = self.steps()
-            if old and not self.cfg.overwrite:
-                raise CheckpointError(
-                    f"{self.url} already holds checkpoints and checkpoint.resume=none: set "
-                    "checkpoint.resume=auto to continue that run, or checkpoint.overwrite=true to start over"
-                )
-            if old:
-                # Left in place, the old run's later steps would win every prune and the next resume.
-                log.warning("checkpoint.overwrite=true: deleting the %d checkpoints of the earlier run in %s",
-                            len(old), self.url)
-                self.fs.rm(self.path, recursive=True)
+        choice = choose_checkpoint(resume, self.cfg.overwrite, self._valid(), self.steps(), self.step_url)
+        found = None
+        for candidate in choice.candidates:
+            try:
+                found = candidate.url, self.read(candidate.url)
+            except CheckpointError as error:
+                log.warning("skipping %s: %s", candidate.url, error)
+                continue
+            self.lineage, self.origin = candidate.lineage, candidate.origin
+            if choice.explicit is not None:
+                log.info("checkpoint.resume=%s was taken by an earlier start of this run, which saved checkpoints "
+                         "of its own: continuing from its newest, %s", choice.explicit, candidate.url)
+            break
+        if found is None and choice.explicit is not None:
+            found = self._branch_from(choice.explicit)
+        elif found is None:
             self.lineage = new_lineage()
-            return None
-        found = self._resume_auto() if resume == "auto" else self._resume_from(resume)
         if found is not None:
             step = int(found[1]["progress"]["step"])
             if normalized_url(found[0]) == normalized_url(self.step_url(step)):
                 self.protect(step)
-        return found
+        return found, choice
 
-    def _resume_auto(self) -> tuple[str, dict[str, Any]] | None:
-        valid = self._valid()
-        found = self._first_loadable(valid)
-        if found is None:
-            self.lineage = new_lineage()
-            return None
-        manifest = dict(valid)[int(found[1]["progress"]["step"])]
-        self.lineage, self.origin = manifest.get("lineage", ""), manifest.get("origin")
-        return found
-
-    def _resume_from(self, resume: str) -> tuple[str, dict[str, Any]]:
-        """An explicit checkpoint URL: taken at the first start; later starts continue their own checkpoints."""
-        origin = normalized_url(resume)
-        own = [(s, m) for s, m in self._valid() if m.get("origin") == origin]
-        found = self._first_loadable(own)
-        if found is not None:
-            log.info("checkpoint.resume=%s was taken by an earlier start of this run, which saved checkpoints of its "
-                     "own: continuing from its newest, %s", resume, found[0])
-            self.lineage, self.origin = dict(own)[int(found[1]["progress"]["step"])]["lineage"], origin
-            return found
+    def _branch_from(self, resume: str) -> tuple[str, dict[str, Any]]:
+        """An explicit checkpoint URL at the first start of this run: loaded as given, a new lineage from it."""
         state = self.read(resume)
-        self.lineage, self.origin = new_lineage(), origin
+        self.lineage, self.origin = new_lineage(), normalized_url(resume)
         step = int(state["progress"]["step"])
         later = [s for s in self.steps() if s > step]
         if later:
@@ -320,6 +356,17 @@ class CheckpointStore:
                         "that went on from there; they are kept but never resumed from automatically, and those "
                         "of the steps this run saves again are replaced", resume, later, self.url)
         return resume, state
+
+    def remove_earlier(self, choice: ResumeChoice) -> None:
+        """checkpoint.overwrite=true with resume=none: remove the earlier run's checkpoints (after the decision).
+
+        Left in place, the old run's later steps would win every prune and the next resume.
+        """
+        if not choice.start_over:
+            return
+        log.warning("checkpoint.overwrite=true: deleting the %d checkpoints of the earlier run in %s",
+                    len(choice.start_over), self.url)
+        self.fs.rm(self.path, recursive=True)
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error) and stop the writer thread."""

@@ -32,8 +32,8 @@ import torch
 from dist_kp import distributed
 from dist_kp.config import CheckpointConfig, Config, ConfigError, EarlyStopConfig, EvalConfig, ModelConfig
 from dist_kp.distributed.preemption import PreemptionHandler
-from dist_kp.engine.checkpoint import CheckpointStore, SaveListener
-from dist_kp.engine.run_state import RunState
+from dist_kp.engine.checkpoint import SaveListener
+from dist_kp.engine.checkpointer import Checkpointer
 from dist_kp.model.keypoint_rcnn import weights_payload
 from dist_kp.storage.run_folder import RunFolder
 
@@ -81,10 +81,8 @@ class CheckpointHook(Hook):
     tiny all-reduce per step tells every rank, so that all of them save at the same step.
     """
 
-    def __init__(self, store: CheckpointStore, state: RunState, cfg: CheckpointConfig,
-                 on_saved: SaveListener | None = None) -> None:
-        self.store = store
-        self.state = state
+    def __init__(self, checkpointer: Checkpointer, cfg: CheckpointConfig, on_saved: SaveListener | None = None) -> None:
+        self.checkpointer = checkpointer
         self.cfg = cfg
         self.on_saved = on_saved  # called from the writing thread once a checkpoint is stored
         self.last_saved_step = -1
@@ -101,14 +99,12 @@ class CheckpointHook(Hook):
         """Checkpoint the current step (once per step); `wait` blocks until it is stored."""
         step = trainer.progress.step
         if step != self.last_saved_step:
-            snapshot = self.state.capture(epoch_end)
-            if distributed.is_main_process():
-                self.store.save(step, snapshot, on_saved=self.on_saved)
+            self.checkpointer.save(step, epoch_end, on_saved=self.on_saved)
             self.last_saved_step = step
             self.last_saved_time = time.monotonic()
-            trainer.emit("after_checkpoint", self.store.step_url(step))
-        if wait and distributed.is_main_process():
-            self.store.wait()
+            trainer.emit("after_checkpoint", self.checkpointer.url(step))
+        if wait:
+            self.checkpointer.wait()
 
     def before_train(self, trainer: Trainer) -> None:
         # The step resumed from is stored already.
@@ -116,8 +112,7 @@ class CheckpointHook(Hook):
         self.last_saved_time = time.monotonic()
 
     def after_step(self, trainer: Trainer) -> None:
-        if distributed.is_main_process():
-            self.store.raise_pending()  # a failed background save stops training at the next step
+        self.checkpointer.raise_pending()  # a failed background save stops training at the next step
         # An epoch's last step is saved next, as the epoch end (kept by keep_every_epochs), not here.
         due = trainer.progress.step % self.cfg.every_steps == 0 or self._minutes_passed()
         if due and not trainer.epoch_complete:
@@ -128,8 +123,7 @@ class CheckpointHook(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         self.save(trainer, wait=True)
-        if distributed.is_main_process():
-            self.store.close()
+        self.checkpointer.close()
 
 
 class Evaluates(Protocol):

@@ -1,10 +1,11 @@
-"""What a checkpoint holds, in one registry: save is one call, resume is one call.
+"""What a checkpoint holds, in one registry (dist_kp.engine.checkpointer saves and resumes it).
 
     state = RunState(cfg)
     state.register("model", model)            # anything with state_dict() / load_state_dict()
     state.register("optimizer", optimizer)
-    resumed = state.resume(store)             # the one decision: fresh start or which checkpoint
+    state.register_hook(hook)                 # a hook's state (may be missing from a checkpoint)
     snapshot = state.capture()                # collective; rank 0 gets a CPU copy to store
+    state.restore(snapshot, url)              # config changes checked; each rank its own RNG states
 
 Besides the registered parts a snapshot holds every rank's random states (restored when the
 world size is unchanged), the world size that wrote it, the resolved config and the versions.
@@ -15,10 +16,9 @@ from __future__ import annotations
 import logging
 import random
 import subprocess
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,9 +26,6 @@ import torchvision
 
 from dist_kp import distributed
 from dist_kp.config import Config
-
-if TYPE_CHECKING:
-    from dist_kp.engine.checkpoint import CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -122,31 +119,14 @@ def identity_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:
     return [k for k in changes if k.startswith(IDENTITY_KEYS) and not k.startswith(NOT_IDENTITY)]
 
 
-@dataclass(frozen=True)
-class Resumed:
-    """The checkpoint a run continues from, and where it stood."""
-
-    url: str
-    step: int
-    epoch: int
-    batch: int
-    world_size: int
-
-
 class RunState:
-    """The registry of what a checkpoint holds, and the resume decision of this start."""
+    """The registry of what a checkpoint holds: capture() makes a snapshot, restore() loads one."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.parts: dict[str, Stateful] = {}
         self.optional: set[str] = set()  # parts a checkpoint may lack (hooks)
         self.versions = versions()
-        self.resumed: Resumed | None = None
-
-    @property
-    def starts_over(self) -> bool:
-        """checkpoint.resume=none: this start begins a new run in output_dir (nothing earlier continues)."""
-        return self.config.checkpoint.resume == "none"
 
     def register(self, name: str, part: Stateful) -> None:
         if name in self.parts or name in ("rng", "world_size", "config", "versions", "epoch_end"):
@@ -214,15 +194,3 @@ class RunState:
         else:
             log.warning("%s was saved by %d processes, now %d: random states restart from the seed (the data "
                         "order stays exact)", source, saved_world, distributed.get_world_size())
-
-    def resume(self, store: CheckpointStore) -> Resumed | None:
-        """Every rank loads the checkpoint rank 0 chose (checkpoint.resume); None: a fresh start."""
-        found = store.resolve(self.config.checkpoint.resume) if distributed.is_main_process() else None
-        chosen = distributed.broadcast_object(found[0] if found else None)
-        if chosen is None:
-            return None
-        state = found[1] if found else store.read(chosen)
-        self.restore(state, chosen)
-        progress = state["progress"]
-        self.resumed = Resumed(chosen, progress["step"], progress["epoch"], progress["batch"], state["world_size"])
-        return self.resumed

@@ -28,12 +28,12 @@ from torch import nn
 from dist_kp import distributed
 from dist_kp.config import TrainConfig
 from dist_kp.data.sampler import GroupedDistributedBatchSampler
-from dist_kp.model.precision import autocast
 from dist_kp.engine.schedule import ProgressSchedule
+from dist_kp.model.precision import autocast
 
 if TYPE_CHECKING:
+    from dist_kp.engine.checkpointer import Resumed
     from dist_kp.engine.hooks import Hook
-    from dist_kp.engine.run_state import Resumed
     from dist_kp.evaluation.evaluator import EvalOutput
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+
 import torch
 
 from dist_kp.config import ConfigError

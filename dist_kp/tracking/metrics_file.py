@@ -15,8 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_kp.storage.run_folder import RunFolder
 from dist_kp.storage import is_local, write_file
+from dist_kp.storage.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 

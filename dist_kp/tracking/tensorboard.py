@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from dist_kp import distributed
 from dist_kp.config import Config
 from dist_kp.engine.hooks import Hook
-from dist_kp.storage.run_folder import RunFolder
 from dist_kp.storage import is_local_url, local_path
+from dist_kp.storage.run_folder import RunFolder
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter

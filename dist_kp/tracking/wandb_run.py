@@ -32,14 +32,14 @@ from torchvision.io import encode_png
 
 from dist_kp import distributed
 from dist_kp.config import Config
+from dist_kp.config.secrets import redact
 from dist_kp.data.coco import build_target, read_image
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import join
+from dist_kp.engine.checkpointer import Checkpointer
 from dist_kp.engine.hooks import PREEMPTED, Hook
-from dist_kp.tracking.metrics_file import MetricsFile
 from dist_kp.storage.run_folder import EVAL_PICTURES, RunFolder
-from dist_kp.engine.run_state import RunState
-from dist_kp.config.secrets import redact
+from dist_kp.tracking.metrics_file import MetricsFile
 from dist_kp.tracking.pictures import pad_to, people_from_results, tile, truth_and_prediction
 
 if TYPE_CHECKING:
@@ -278,7 +278,7 @@ class Tracker(NoTracking):
             log.info("W&B run %s closed; newest checkpoint %s", self.run_id, newest[1])
 
 
-def start_tracking(cfg: Config, folder: RunFolder, run_state: RunState, run_id: RunId,
+def start_tracking(cfg: Config, folder: RunFolder, checkpointer: Checkpointer, run_id: RunId,
                    index: KeypointIndex | None = None) -> NoTracking:
     """Rank 0 gets a Tracker, other ranks NoTracking. Call after resuming (`run_id` then holds the checkpoint's).
 
@@ -289,11 +289,11 @@ def start_tracking(cfg: Config, folder: RunFolder, run_state: RunState, run_id: 
     if not distributed.is_main_process():
         return NoTracking()
     metrics = MetricsFile(folder)
-    resumed_step = run_state.resumed.step if run_state.resumed else 0
+    resumed_step = checkpointer.resumed.step if checkpointer.resumed else 0
     if cfg.tracking.mode == "disabled":
         tracker = Tracker(cfg, metrics, index=index)
     else:
-        run_id.value, continued = run_id_for(cfg, folder, run_id.value, run_state.starts_over)
+        run_id.value, continued = run_id_for(cfg, folder, run_id.value, checkpointer.starts_over)
         tracker = Tracker(cfg, metrics, run_id.value, last_logged_step(metrics, folder) if continued else 0, index)
     metrics.truncate_after(resumed_step)
     return tracker
