@@ -50,7 +50,7 @@ def test_shell_copies_of_the_master_port_formula_give_the_python_port(path: str)
 
 def test_srun_environment_gets_the_job_ids_master_port(launcher_env) -> None:
     launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "54321", "MASTER_ADDR": "127.0.0.1"})
-    distributed._env_from_slurm()
+    distributed.env_from_slurm()
     assert os.environ["MASTER_PORT"] == str(master_port(54321)) == "29321"
 
 
