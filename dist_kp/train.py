@@ -132,6 +132,7 @@ def run(cfg: Config) -> int:
     trainer = Trainer(cfg.train, model, optimizer, scheduler, scaler, loader, sampler, info.device,
                       cfg.optim.clip_grad_norm)
     meta = index.meta.to_dict()
+    evaluation = [EvaluationHook(cfg.eval, evaluator)] if evaluator is not None else []
     stateful_hooks = build_hooks(cfg, folder, meta)
 
     state = RunState(cfg)
@@ -139,7 +140,7 @@ def run(cfg: Config) -> int:
     for name, part in (("model", unwrap(model)), ("optimizer", optimizer), ("scheduler", scheduler),
                        ("scaler", scaler), ("progress", trainer.progress), ("tracking", run_id)):
         state.register(name, part)
-    for hook in stateful_hooks:
+    for hook in [*evaluation, *stateful_hooks]:
         if has_state(hook):
             state.register_hook(hook)
     checkpointer = Checkpointer(state, CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
@@ -155,10 +156,9 @@ def run(cfg: Config) -> int:
         log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), trainer.steps_per_epoch)
 
     preempted = PreemptionHook(preemption)
-    # Evaluation before the checkpoint at an epoch's end: the checkpoint then holds what hooks made of it.
     hooks = [
-        *([EvaluationHook(cfg.eval, evaluator)] if evaluator is not None else []),
         CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
+        *evaluation,  # after the epoch end's checkpoint (which records the evaluation as pending)
         FinalWeightsHook(folder, cfg.model, meta),
         tracker,
         start_tensorboard(cfg, folder),

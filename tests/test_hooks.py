@@ -79,11 +79,12 @@ def test_a_hook_from_outside_sees_every_step_and_epoch_end_on_every_rank_across_
         written = json.loads((out / "eval" / f"{step:08d}" / "metrics.json").read_text())
         assert ap[step] == written["kp/AP"]
     url = f"{out}/checkpoints/step_{{:08d}}".format
+    # An epoch's end is checkpointed, then evaluated.
     assert first_events == [("before_train", json.dumps({"evaluations": [], "checkpoints": []})),
-                            ("after_checkpoint", "4", url(4)), ("after_evaluation", "6", repr(ap[6])),
-                            ("after_checkpoint", "6", url(6)), ("after_checkpoint", "8", url(8))]
+                            ("after_checkpoint", "4", url(4)), ("after_checkpoint", "6", url(6)),
+                            ("after_evaluation", "6", repr(ap[6])), ("after_checkpoint", "8", url(8))]
     assert second_events == [("before_train", json.dumps({"evaluations": [[6, ap[6]]], "checkpoints": [4, 6]})),
-                             ("after_evaluation", "12", repr(ap[12])), ("after_checkpoint", "12", url(12)),
+                             ("after_checkpoint", "12", url(12)), ("after_evaluation", "12", repr(ap[12])),
                              ("after_checkpoint", "14", url(14))]
 
 
@@ -110,11 +111,13 @@ def test_keep_best_and_early_stop_carry_their_state_across_a_kill_on_two_ranks(s
         synthetic_root, out, "train.epochs=6", "checkpoint.every_steps=100", "train.workers=0", "eval.every_epochs=1",
         "eval.max_images=4", "eval.num_visualize=0", "checkpoint.keep_best=kp/AP", "train.early_stop.metric=kp/AP",
         "train.early_stop.patience=2", "train.hooks=[tests.hook_probe:HoldHook]")]
-    # Two evaluations (steps 6 and 12) before the kill; their outcome is in the step-12 checkpoint only.
+    # Two evaluations (steps 6 and 12) before the kill; the step-12 checkpoint was taken before the
+    # second: the resumed run runs it again first, and its state then holds both.
     kill_when_held(start_module("dist_kp.train", args, nproc=2, env={**env, "HOLD_AT_STEP": "13"}), probe, 2,
-                   r"checkpoint step 12 saved")
+                   r"checkpoint step 12 saved", r"evaluation at step 12 ")
     result = check(run_module("dist_kp.train", args, nproc=2, env=env))
     assert "at step 12" in result.stderr and "holds no state" not in result.stderr, result.stderr[-3000:]
+    assert "the evaluation of step 12 did not run before the checkpoint resumed from" in result.stderr
     evaluated = sorted(int(p.name) for p in (out / "eval").iterdir())
     values = [(step, json.loads((out / "eval" / f"{step:08d}" / "metrics.json").read_text())["kp/AP"])
               for step in evaluated]

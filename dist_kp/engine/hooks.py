@@ -136,6 +136,9 @@ class EvaluationHook(Hook):
     """Evaluate every `eval.every_epochs` epochs and after the last step (`eval.at_end`).
 
     The result goes to every hook's `after_evaluation` (the metrics) and to `trainer.evaluation`.
+    An epoch's end is checkpointed before its evaluation runs (a stop signal during a long
+    evaluation then loses no training); the step last evaluated is this hook's state, so a run
+    resumed from such a checkpoint runs that evaluation first.
     """
 
     def __init__(self, cfg: EvalConfig, evaluator: Evaluates) -> None:
@@ -149,13 +152,31 @@ class EvaluationHook(Hook):
         self.evaluated_at = step
         trainer.emit("after_evaluation", trainer.evaluation.metrics)
 
+    def _due_at_epoch_end(self, trainer: Trainer) -> bool:
+        return bool(self.cfg.every_epochs) and trainer.progress.epoch % self.cfg.every_epochs == 0
+
+    def before_train(self, trainer: Trainer) -> None:
+        p = trainer.progress
+        at_epoch_end = p.step > 0 and p.batch == 0
+        if at_epoch_end and self._due_at_epoch_end(trainer) and self.evaluated_at != p.step:
+            if distributed.is_main_process():
+                log.info("the evaluation of step %d did not run before the checkpoint resumed from: running it now",
+                         p.step)
+            self._run(trainer)
+
     def after_epoch(self, trainer: Trainer) -> None:
-        if self.cfg.every_epochs and trainer.progress.epoch % self.cfg.every_epochs == 0:
+        if self._due_at_epoch_end(trainer):
             self._run(trainer)
 
     def after_train(self, trainer: Trainer) -> None:
         if trainer.stop_reason is None and self.cfg.at_end and self.evaluated_at != trainer.progress.step:
             self._run(trainer)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"evaluated_at": self.evaluated_at}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.evaluated_at = int(state["evaluated_at"])
 
 
 def _weights_file(trainer: Trainer, model_cfg: ModelConfig, meta: dict[str, Any], **extra: Any) -> bytes:
@@ -203,7 +224,8 @@ class BestWeightsHook(Hook):
     """checkpoint.keep_best: OUTPUT_DIR/model_best.pt whenever an evaluation beats the best so far.
 
     The file is model_final.pt's format plus "best": {"metric", "value", "step"}; the best so far
-    is this hook's state, so it survives resume.
+    is this hook's state, so it survives resume (an evaluation the checkpoint did not see yet is
+    run again on resume, see EvaluationHook, so the state never misses one).
     """
 
     def __init__(self, folder: RunFolder, metric: str, mode: Literal["max", "min"], model_cfg: ModelConfig,
