@@ -23,7 +23,7 @@ import torch
 
 from dist_kp import distributed, storage
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
-from dist_kp.data.index import DataError
+from dist_kp.data.index import DataError, KeypointIndex
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.data.sampler import BatchSizeError
 from dist_kp.distributed import LaunchError
@@ -83,14 +83,15 @@ def check_watched_metrics(cfg: Config) -> None:
         if metric is None:
             continue
         if metric not in METRIC_NAMES:
-            raise ConfigError(f"{option}: {metric!r} is not an evaluation metric; choose one of {', '.join(METRIC_NAMES)}")
+            raise ConfigError(f"{option}: {metric!r} is not an evaluation metric; choose one of "
+                              f"{', '.join(METRIC_NAMES)}")
         if not cfg.eval.every_epochs:
             raise ConfigError(f"{option} watches {metric} at every evaluation, but eval.every_epochs=0 evaluates only "
                               "at the end: set eval.every_epochs to 1 or more")
 
 
 def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
-    """The hooks whose state is saved in checkpoints (built before resuming): keep-best, early stop, the user's."""
+    """Hooks built before resuming (their state comes from the checkpoint): keep-best, early stop, the user's."""
     hooks: list[Hook] = []
     if cfg.checkpoint.keep_best:
         hooks.append(BestWeightsHook(folder, cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode, cfg.model, meta))
@@ -99,14 +100,12 @@ def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
     return hooks + user_hooks(cfg)
 
 
-def run(cfg: Config) -> int:
-    """Train to the end (exit status 0) or until a preemption signal (checkpoint, requeue, status)."""
-    check_watched_metrics(cfg)
-    preemption = PreemptionHandler(cfg.train.stop_grace_s)
-    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    store = storage.Storage.from_config(cfg.storage)  # the one Storage of this run, passed to every reader and writer
-    folder = RunFolder(cfg.output_dir, store)
-    seed_everything(cfg.train.seed, info.rank)
+def open_run_folder(cfg: Config, info: distributed.DistInfo) -> RunFolder:
+    """The run's folder on the one Storage of this run (passed to every reader and writer from here on).
+
+    Rank 0 removes what killed writers left and writes the resolved config.
+    """
+    folder = RunFolder(cfg.output_dir, storage.Storage.from_config(cfg.storage))
     if info.is_main:
         folder.remove_stale_temporaries()
         folder.write(folder.config, config_to_yaml(cfg).encode())
@@ -114,12 +113,11 @@ def run(cfg: Config) -> int:
         if "SLURM_JOB_ID" in os.environ:
             log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
                      os.environ.get("SLURM_RESTART_COUNT", "0"))
+    return folder
 
-    index = train_index(cfg, store)
-    evaluating = bool(cfg.eval.every_epochs or cfg.eval.at_end)
-    evaluation_index = val_index(cfg, store) if evaluating else None
-    # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
-    evaluator = Evaluator(cfg, evaluation_index, folder, info.device) if evaluation_index is not None else None
+
+def build_trainer(cfg: Config, index: KeypointIndex, info: distributed.DistInfo, store: storage.Storage) -> Trainer:
+    """The loader, the model (DDP when there are several processes), its optimizer, schedule and scaler."""
     loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device, store)
     model = build_model(cfg.model, index.meta.num_keypoints, store).to(info.device)
     if info.world_size > 1:
@@ -128,52 +126,64 @@ def run(cfg: Config) -> int:
         )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
-    scaler = grad_scaler(cfg.train.precision, info.device)
-    trainer = Trainer(cfg.train, model, optimizer, scheduler, scaler, loader, sampler, info.device,
-                      cfg.optim.clip_grad_norm)
-    meta = index.meta.to_dict()
-    evaluation = [EvaluationHook(cfg.eval, evaluator)] if evaluator is not None else []
-    stateful_hooks = build_hooks(cfg, folder, meta)
+    return Trainer(cfg.train, model, optimizer, scheduler, grad_scaler(cfg.train.precision, info.device), loader,
+                   sampler, info.device, cfg.optim.clip_grad_norm)
 
+
+def run_state(cfg: Config, trainer: Trainer, run_id: RunId, hooks: list[Hook]) -> RunState:
+    """What every checkpoint holds: the trainer's parts, the W&B run id, and the state of the hooks that have one."""
     state = RunState(cfg)
-    run_id = RunId()
-    for name, part in (("model", unwrap(model)), ("optimizer", optimizer), ("scheduler", scheduler),
-                       ("scaler", scaler), ("progress", trainer.progress), ("tracking", run_id)):
+    for name, part in (("model", unwrap(trainer.model)), ("optimizer", trainer.optimizer),
+                       ("scheduler", trainer.scheduler), ("scaler", trainer.scaler), ("progress", trainer.progress),
+                       ("tracking", run_id)):
         state.register(name, part)
-    for hook in [*evaluation, *stateful_hooks]:
+    for hook in hooks:
         if has_state(hook):
             state.register_hook(hook)
-    checkpointer = Checkpointer(state, CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
+    return state
+
+
+def run(cfg: Config) -> int:
+    """Train to the end (exit status 0) or until a preemption signal (checkpoint, requeue, status)."""
+    check_watched_metrics(cfg)
+    preemption = PreemptionHandler(cfg.train.stop_grace_s)
+    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+    folder = open_run_folder(cfg, info)
+    seed_everything(cfg.train.seed, info.rank)
+    index = train_index(cfg, folder.storage)
+    evaluation_index = val_index(cfg, folder.storage) if cfg.eval.every_epochs or cfg.eval.at_end else None
+    # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
+    evaluation = ([EvaluationHook(cfg.eval, Evaluator(cfg, evaluation_index, folder, info.device))]
+                  if evaluation_index is not None else [])
+    trainer = build_trainer(cfg, index, info, folder.storage)
+    meta = index.meta.to_dict()
+    own_hooks = build_hooks(cfg, folder, meta)
+    run_id = RunId()
+    checkpointer = Checkpointer(run_state(cfg, trainer, run_id, [*evaluation, *own_hooks]),
+                                CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
     resumed = checkpointer.load()
     if resumed:
         trainer.continue_from(resumed)
-        apply_optim_config(optimizer, scheduler, cfg.optim)  # the config's optimizer values from now on
-    tracker = start_tracking(cfg, folder, checkpointer, run_id, evaluation_index)
-    if info.is_main:
-        if resumed:
+        apply_optim_config(trainer.optimizer, trainer.scheduler, cfg.optim)  # the config's values from now on
+        if info.is_main:
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resumed.url, resumed.step, resumed.epoch,
                      resumed.batch)
-        log.info("%d training images, %d steps per epoch per rank", len(loader.dataset), trainer.steps_per_epoch)
-
+    tracker = start_tracking(cfg, folder, checkpointer, run_id, evaluation_index)
+    if info.is_main:
+        log.info("%d training images, %d steps per epoch per rank", len(trainer.loader.dataset),
+                 trainer.steps_per_epoch)
     preempted = PreemptionHook(preemption)
-    hooks = [
-        CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
-        *evaluation,  # after the epoch end's checkpoint (which records the evaluation as pending)
-        FinalWeightsHook(folder, cfg.model, meta),
-        tracker,
-        start_tensorboard(cfg, folder),
-        preempted,
-        *stateful_hooks,
-    ]
-    for hook in hooks:
+    for hook in [CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
+                 *evaluation,  # after the epoch end's checkpoint (which records the evaluation as pending)
+                 FinalWeightsHook(folder, cfg.model, meta), tracker, start_tensorboard(cfg, folder), preempted,
+                 *own_hooks]:
         trainer.register(hook)
     trainer.train()
     # Every rank leaves together: none tears the process group down while rank 0 still writes.
     distributed.barrier()
-    if info.is_main and trainer.stop_reason is None:
-        log.info("training finished at step %d (epoch %d)", trainer.progress.step, trainer.progress.epoch)
-    elif info.is_main and trainer.stop_reason == EARLY_STOP:
-        log.info("training stopped early at step %d (epoch %d)", trainer.progress.step, trainer.progress.epoch)
+    if info.is_main and trainer.stop_reason in (None, EARLY_STOP):
+        log.info("training %s at step %d (epoch %d)", "finished" if trainer.stop_reason is None else "stopped early",
+                 trainer.progress.step, trainer.progress.epoch)
     return preempted.exit_status
 
 
