@@ -176,9 +176,10 @@ def test_scancel_of_the_job_saves_a_checkpoint_and_does_not_requeue(slurm, synth
     wait_for_log(tmp_path, job_id, r"\] step 3 ")
     slurm.run("scancel", job_id)  # SIGTERM to every process of the job: the user ends it
     log = wait_for_log(tmp_path, job_id, r"SLURM job \d+ is COMPLETING .*not requeueing")
-    # Once no process of the job is left, nothing can requeue it any more: then its state is final.
+    # Once no process of the job is left, nothing can requeue it any more; once SLURM has finished
+    # completing it, its state is final (a requeued job would be PENDING or RUNNING again instead).
     wait_until(lambda: not job_processes(job_id), f"every process of job {job_id} ended", timeout=120)
-    info = slurm.job(job_id)
+    info = wait_until(lambda: settled(slurm, job_id), f"job {job_id} no longer COMPLETING", timeout=120)
     assert info["JobState"] == "CANCELLED" and info.get("Restarts") == "0", info
     assert "restart count 1" not in job_log(tmp_path, job_id)
     saved = int(re.findall(r"checkpoint step (\d+) saved", log)[-1])
@@ -272,6 +273,12 @@ def test_a_crash_on_one_rank_ends_every_rank_quickly(synthetic_root: Path, tmp_p
     # Rank 0 waits for rank 1 in the evaluation's gather: it must end with it, not at the collective timeout.
     # The bound is a fraction of that timeout, not a speed: a slow machine passes, a waiting rank 0 does not.
     assert ended - datetime.strptime(error.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() < COLLECTIVE_TIMEOUT_S / 5
+
+
+def settled(slurm, job_id: str) -> dict[str, str] | None:
+    """The job's fields once SLURM has finished completing it; None while it is COMPLETING."""
+    job = slurm.job(job_id)
+    return job if job["JobState"] != "COMPLETING" else None
 
 
 def processes_with(*needles: bytes) -> list[tuple[int, bytes, list[bytes]]]:
