@@ -22,12 +22,8 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from dist_kp.storage import TEMP_MARK, Storage, is_local_url, local_path
-
-if TYPE_CHECKING:
-    from dist_kp.config import Config
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -116,11 +112,6 @@ class RunFolder:
     def __init__(self, output_dir: str, storage: Storage | None = None) -> None:
         self.url = output_dir.rstrip("/") or "/"
         self.storage = storage or Storage()
-
-    @classmethod
-    def for_config(cls, cfg: Config) -> RunFolder:
-        """The run folder of a config: its output_dir, reached with its storage section."""
-        return cls(cfg.output_dir, Storage.from_config(cfg.storage))
 
     def __repr__(self) -> str:
         return f"RunFolder({self.url!r})"
