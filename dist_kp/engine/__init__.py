@@ -1,2 +1,2 @@
-"""Training: the loop and its progress (trainer), periodic actions (hooks), what a checkpoint holds
-and the resume decision (run_state), the checkpoint store (checkpoint), optimizer and LR schedule."""
+"""Training: the loop and its progress (trainer), periodic actions (hooks), what a checkpoint holds (run_state),
+the owner of saving and resuming (checkpointer), the checkpoint store (checkpoint), optimizer and LR schedule."""
