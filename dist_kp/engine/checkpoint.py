@@ -32,7 +32,7 @@ from dist_kp.storage.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-# Told (step, url) of a checkpoint: when it is handed to the writer, and once it is stored.
+# Told (step, url) of a checkpoint once it is stored (from the writing thread).
 SaveListener = Callable[[int, str], None]
 
 
@@ -167,17 +167,14 @@ class CheckpointStore:
         self.prune()
         return self.step_url(step)
 
-    def save(self, step: int, state: dict[str, Any], on_started: SaveListener | None = None,
-             on_saved: SaveListener | None = None) -> None:
+    def save(self, step: int, state: dict[str, Any], on_saved: SaveListener | None = None) -> None:
         """Write `state` (a CPU snapshot) in the background; rank 0 only.
 
         Waits for the save in flight first (at most one), raising its error as CheckpointError.
-        `on_started` is called now, `on_saved` from the writing thread once the checkpoint is stored.
+        `on_saved` is called from the writing thread once the checkpoint is stored.
         """
         self.wait()
         self._pending = self._pool.submit(self._write_logged, step, state, on_saved)
-        if on_started is not None:
-            on_started(step, self.step_url(step))
 
     def _write_logged(self, step: int, state: dict[str, Any], on_saved: SaveListener | None) -> str:
         started = time.perf_counter()
