@@ -6,9 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from dist_kp import distributed
+from dist_kp import Hook, distributed
 from dist_kp.config import Config
-from dist_kp import Hook
 
 
 class ProbeHook(Hook):

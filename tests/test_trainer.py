@@ -155,7 +155,8 @@ def trainer_model_cfg():
 @pytest.mark.parametrize("entry", ["os:path", "json:dumps", "pathlib:Path"])
 def test_a_train_hooks_entry_that_is_not_a_hook_class_is_refused_naming_it(entry: str) -> None:
     cfg = load_config(TINY_CONFIG, [f"train.hooks=[{entry}]"])
-    with pytest.raises(ConfigError, match=rf"train.hooks: '{entry}' is not a hook class \(a subclass of dist_kp.Hook\)"):
+    refused = rf"train.hooks: '{entry}' is not a hook class \(a subclass of dist_kp.Hook\)"
+    with pytest.raises(ConfigError, match=refused):
         user_hooks(cfg)
 
 
