@@ -115,3 +115,21 @@ class EventProbeHook(Hook):
 
     def load_state_dict(self, state: dict) -> None:
         self.evaluations, self.checkpoints = state["evaluations"], state["checkpoints"]
+
+
+class ExitProbeHook(Hook):
+    """At interpreter exit (atexit: after dist_kp's cleanup, before finalization) appends
+    `pid thread-name,...` to PROBE_DIR/exit<R>: the threads that would live on into finalization."""
+
+    def __init__(self, cfg: Config) -> None:
+        import atexit
+
+        path = Path(os.environ["PROBE_DIR"]) / f"exit{distributed.get_rank()}"
+        atexit.register(self._write, path)
+
+    @staticmethod
+    def _write(path: Path) -> None:
+        tasks = Path("/proc/self/task")
+        names = sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+        with path.open("a") as f:
+            f.write(f"{os.getpid()} {','.join(names)}\n")

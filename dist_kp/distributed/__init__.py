@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import hashlib
 import logging
 import re
@@ -232,7 +233,15 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def cleanup() -> None:
+    """Destroy the process group and its threads while the interpreter is fully alive.
+
+    DDP sits in reference cycles (module, reducer, hooks) and holds the process group: until the
+    cycle is collected the gloo worker threads live on into interpreter shutdown, where one that
+    drops the last reference to a tensor needs the GIL and aborts the process ("terminate called
+    without an active exception", exit -6 after a finished run). Collecting first frees them here.
+    """
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
 
 
