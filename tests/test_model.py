@@ -12,7 +12,7 @@ import torchvision
 
 from dist_kp.config import ModelConfig, ScheduleConfig, load_config
 from dist_kp.engine.schedule import lr_factor
-from dist_kp.model.keypoint_rcnn import WeightsError, build_model, load_weights
+from dist_kp.model.keypoint_rcnn import WeightsError, build_model, load_weights, weights_payload
 from tests.conftest import TINY_CONFIG
 
 
@@ -184,3 +184,31 @@ def test_cosine_schedule_decays_to_zero() -> None:
     assert lr_factor(50, schedule, 10, 100) == pytest.approx(0.5)
     assert lr_factor(100, schedule, 10, 100) == pytest.approx(0.0, abs=1e-12)
     assert math.isclose(lr_factor(25, schedule, 10, 100), 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_a_dist_kp_weights_file_of_another_architecture_is_refused_naming_the_keys_unless_opted_in(
+        tmp_path: Path) -> None:
+    """A resnet50 model_final.pt fills 57% of a resnet18 model by name and shape: without its model
+    config it would load silently."""
+    cfg = load_config(TINY_CONFIG).model
+    written_with = cfg.model_copy(update={"backbone": "resnet50"})
+    path = tmp_path / "model_final.pt"
+    torch.save(weights_payload(build_model(written_with, 17), written_with, {}), path)
+    with pytest.raises(WeightsError) as refused:
+        build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=17)
+    message = str(refused.value)
+    assert "model.backbone: file 'resnet50', this run 'resnet18'" in message
+    assert "model.weights_any_architecture=true" in message
+    assert "fpn_channels" not in message  # only the keys that differ
+
+    opted_in = cfg.model_copy(update={"weights": str(path), "weights_any_architecture": True})
+    report = load_weights(build_model(cfg, 17), str(path), architecture=opted_in)
+    assert report.loaded and report.reinitialised  # the FPN and heads match, the backbone's deeper blocks not
+
+
+def test_another_keypoint_count_is_not_another_architecture(tmp_path: Path) -> None:
+    cfg = load_config(TINY_CONFIG).model
+    path = tmp_path / "model_final.pt"
+    torch.save(weights_payload(build_model(cfg, 17), cfg, {}), path)
+    report = load_weights(build_model(cfg, 5), str(path), architecture=cfg)
+    assert set(report.reinitialised) == KEYPOINT_PREDICTOR

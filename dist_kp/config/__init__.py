@@ -146,6 +146,10 @@ class ModelConfig(Section):
         False, description="Refuse weights with any missing, extra or reshaped tensor (false: load the matching"
         " ones, re-initialise the rest, e.g. the keypoint predictor of another skeleton)."
     )
+    weights_any_architecture: bool = Field(
+        False, description="Load model.weights written by dist_kp for another architecture (backbone, FPN or head"
+        " sizes): the tensors that match by name and shape load, the rest are re-initialised (false: refused)."
+    )
     backbone_weights: str | None = Field(
         None, description="Backbone weights: torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1), path or URL."
     )

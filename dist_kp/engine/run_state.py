@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 IDENTITY_KEYS = ("model.", "train.seed", "train.batch_size", "data.root", "data.train_annotations",
                  "data.train_images", "data.min_visible_keypoints", "data.aspect_ratio_group_factor")
 # Where the model's starting weights came from no longer matters once a checkpoint holds them.
-NOT_IDENTITY = ("model.weights", "model.backbone_weights")
+NOT_IDENTITY = ("model.weights", "model.backbone_weights", "model.weights_strict", "model.weights_any_architecture")
 
 
 class ResumeError(RuntimeError):

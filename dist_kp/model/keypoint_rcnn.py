@@ -41,6 +41,8 @@ class WeightsError(ValueError):
 
 # Fewer of the model's values than this found in a weights file (by name and shape): another architecture.
 MIN_MATCHING_FRACTION = 0.5
+# The model keys that shape the network's tensors; fine-tuning may change only the keypoint count and names.
+ARCHITECTURE_KEYS = ("backbone", "fpn_channels", "box_head_dim", "keypoint_head_layers", "keypoint_head_channels")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,11 @@ def _is_torchvision_name(source: str) -> bool:
 
 
 def _load_file(source: str, store: Storage | None = None) -> dict[str, torch.Tensor]:
+    return _load_payload(source, store)[0]
+
+
+def _load_payload(source: str, store: Storage | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The state dict of a weights file, and the model config it was written with (dist_kp files only)."""
     try:
         # Without a Storage: the process-wide default that train configures (until every caller passes one).
         with (store or Storage()).open(source, "rb") as f:
@@ -104,11 +111,32 @@ def _load_file(source: str, store: Storage | None = None) -> dict[str, torch.Ten
         raise WeightsError(f"weights file not found: {source}") from None
     except Exception as error:
         raise WeightsError(f"cannot load weights from {source}: {error}") from error
+    model_config = None
     if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        loaded = loaded["model"]  # a dist_kp weights file or checkpoint
+        # A dist_kp weights file (model_config beside the tensors) or checkpoint (config.model).
+        model_config = loaded.get("model_config") or (loaded.get("config") or {}).get("model")
+        loaded = loaded["model"]
     if not isinstance(loaded, dict):
         raise WeightsError(f"{source} does not hold a state dict (got {type(loaded).__name__})")
-    return loaded
+    return loaded, model_config if isinstance(model_config, dict) else None
+
+
+def check_architecture(cfg: ModelConfig, written_with: dict | None, source: str) -> None:
+    """Refuse weights written for another architecture (model.weights_any_architecture=true loads them anyway).
+
+    Matching by name and shape alone lets a resnet50 file fill most of a resnet18 model, or an
+    FPN 64 file the heads of an FPN 32 model, silently; a dist_kp file says what it was built as.
+    """
+    if written_with is None or cfg.weights_any_architecture:
+        return
+    differ = [f"model.{key}: file {written_with[key]!r}, this run {getattr(cfg, key)!r}"
+              for key in ARCHITECTURE_KEYS if key in written_with and written_with[key] != getattr(cfg, key)]
+    if differ:
+        raise WeightsError(
+            f"weights {source} were written for another architecture ({'; '.join(differ)}). Use the file's "
+            "values for these keys, or set model.weights_any_architecture=true to load the tensors that match "
+            "by name and shape and re-initialise the rest."
+        )
 
 
 def read_state_dict(source: str, store: Storage | None = None) -> dict[str, torch.Tensor]:
@@ -189,8 +217,11 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: st
 
 
 def load_weights(module: nn.Module, source: str, strict: bool = False,
-                 store: Storage | None = None) -> WeightsReport:
+                 store: Storage | None = None, architecture: ModelConfig | None = None) -> WeightsReport:
     """Load weights into a freshly built module.
+
+    architecture: the config `module` was built from; a dist_kp file written for other values of
+    its ARCHITECTURE_KEYS is refused (see check_architecture).
 
     strict: every tensor must be there with its shape, and nothing else (a mismatch names the keys).
     Otherwise every tensor whose name and shape match is loaded and the others keep the module's
@@ -198,7 +229,12 @@ def load_weights(module: nn.Module, source: str, strict: bool = False,
     another number of classes); rank 0 logs the table of what was loaded, re-initialised and unused.
     A file in which less than half of the model's values match is refused (another architecture).
     """
-    state = read_state_dict(source, store)
+    if _is_torchvision_name(source):
+        state, written_with = read_state_dict(source, store), None
+    else:
+        state, written_with = _load_payload(source, store)
+    if architecture is not None:
+        check_architecture(architecture, written_with, source)
     if strict:
         _load_strict(module, state, source)
         log.info("loaded weights from %s (strict)", source)
@@ -289,7 +325,7 @@ def build_model(cfg: ModelConfig, num_keypoints: int, store: Storage | None = No
         keypoint_predictor=KeypointRCNNPredictor(cfg.keypoint_head_channels, num_keypoints),
     )
     if cfg.weights:
-        load_weights(model, cfg.weights, cfg.weights_strict, store)
+        load_weights(model, cfg.weights, cfg.weights_strict, store, architecture=cfg)
     return model
 
 
