@@ -162,6 +162,16 @@ def run(cfg: Config) -> int:
     checkpointer = Checkpointer(run_state(cfg, trainer, run_id, [*evaluation, *own_hooks]),
                                 CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
     resumed = checkpointer.load()
+    if resumed and trainer.past_end:
+        # Training on would end at once and relabel later weights as the run's end: change nothing.
+        if info.is_main:
+            p = trainer.progress
+            log.warning("%s is already past the end of this run (step %d, epoch %d, batch %d; now train.epochs=%d, "
+                        "train.max_steps=%s): nothing to train, nothing written. Raise them to train on, or use "
+                        "another output_dir for a shorter run.", resumed.url, p.step, p.epoch, p.batch,
+                        cfg.train.epochs, cfg.train.max_steps)
+        checkpointer.close()
+        return 0
     if resumed:
         trainer.continue_from(resumed)
         apply_optim_config(trainer.optimizer, trainer.scheduler, cfg.optim)  # the config's values from now on

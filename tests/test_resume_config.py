@@ -62,3 +62,16 @@ def test_a_changed_training_set_at_resume_is_refused_naming_the_key(three_steps:
     assert "data.min_visible_keypoints (5 in the checkpoint, 3 now)" in result.stderr
     assert "Traceback" not in result.stderr
     assert store_of(out).steps()[-1] == 3  # nothing trained
+
+
+def test_a_run_resumed_with_max_steps_below_its_checkpoint_changes_nothing_and_says_so(
+        three_steps: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = copy_of(three_steps, tmp_path)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=2"), nproc=2))
+    assert "is already past the end of this run (step 3, epoch 0, batch 3; now train.epochs=10, " \
+           "train.max_steps=2): nothing to train, nothing written" in result.stderr
+    assert "training finished" not in result.stderr
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+    assert changed <= {Path("config.yaml")}, changed  # model_final.pt, checkpoints, metrics untouched

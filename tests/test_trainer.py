@@ -168,3 +168,19 @@ def test_a_watched_metric_must_be_an_evaluation_metric_evaluated_every_few_epoch
                                           r"eval.every_epochs=0"):
         check_watched_metrics(load_config(TINY_CONFIG, ["train.early_stop.metric=bbox/AP", "eval.every_epochs=0"]))
     check_watched_metrics(load_config(TINY_CONFIG, ["checkpoint.keep_best=bbox/AR100", "train.early_stop.patience=2"]))
+
+
+@pytest.mark.parametrize(("epoch", "batch", "epochs", "max_steps", "past"), [
+    (1, 1, 1, None, True),    # epochs lowered below the checkpoint's epoch
+    (1, 0, 1, None, False),   # exactly at the end: the natural end of the run
+    (0, 2, 1, None, False),   # the end of epoch 0 (batch = its length): not beyond epochs=1
+    (0, 1, 5, 2, False),
+    (1, 1, 5, 2, True),       # step 3 > max_steps 2
+])
+def test_past_end_is_true_only_beyond_the_lowered_end(small_root: Path, tmp_path: Path, epoch: int, batch: int,
+                                                      epochs: int, max_steps: int | None, past: bool) -> None:
+    overrides = [f"train.epochs={epochs}"] + ([f"train.max_steps={max_steps}"] if max_steps else [])
+    trainer = build_trainer(small_root, tmp_path / "run", *overrides)
+    trainer.progress.epoch, trainer.progress.batch = epoch, batch
+    trainer.progress.step = epoch * STEPS_PER_EPOCH + batch
+    assert trainer.past_end is past

@@ -181,6 +181,12 @@ class Trainer:
         return self.progress.epoch >= self.cfg.epochs or (max_steps is not None and self.progress.step >= max_steps)
 
     @property
+    def past_end(self) -> bool:
+        """The progress lies beyond the end: train.epochs or train.max_steps lowered below a resumed checkpoint."""
+        p, max_steps = self.progress, self.cfg.max_steps
+        return (p.epoch, p.batch) > (self.cfg.epochs, 0) or (max_steps is not None and p.step > max_steps)
+
+    @property
     def epoch_complete(self) -> bool:
         return self.progress.batch == self.sampler.batches_this_epoch
 
