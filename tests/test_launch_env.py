@@ -6,6 +6,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,3 +94,34 @@ def test_training_with_world_size_but_no_rank_ends_at_once_naming_rank(synthetic
     result = run_module("dist_kp.train", args, env=env, timeout=120)
     assert result.returncode != 0 and time.monotonic() - started < 120
     assert "incomplete launcher environment: RANK, LOCAL_RANK not set" in result.stderr, result.stderr[-3000:]
+
+
+def test_ranks_started_by_hand_on_a_taken_master_port_end_with_messages_within_the_timeout(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    """Rank 0 names the taken port at once; rank 1, which reaches the other program's socket and waits
+    there for an answer that never comes, ends after train.dist_timeout_s with a message."""
+    timeout_s = 10
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(synthetic_root, tmp_path / "run", "train.workers=0",
+                                                          f"train.dist_timeout_s={timeout_s}")]
+    with socket.socket() as other_program:  # listens and accepts, never answers
+        other_program.bind(("127.0.0.1", 0))
+        other_program.listen()
+        port = str(other_program.getsockname()[1])
+        ranks = [subprocess.Popen(
+            [sys.executable, "-m", "dist_kp.train", *args], cwd=REPO, text=True, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, env=child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+            for rank in (0, 1)]
+        try:
+            # Without the deadline rank 1 waits as long as the other program keeps the connection open.
+            logs = [rank.communicate(timeout=timeout_s + 110)[1] for rank in ranks]
+        finally:
+            for rank in ranks:
+                if rank.poll() is None:
+                    rank.kill()
+                    rank.wait()
+    assert ranks[0].returncode == 2, logs[0][-3000:]
+    assert f"MASTER_PORT {port} is already in use on this host" in logs[0] and "Traceback" not in logs[0]
+    assert ranks[1].returncode == 1, logs[1][-3000:]
+    assert (f"rank 1: could not join the process group at 127.0.0.1:{port} within {timeout_s} s "
+            "(train.dist_timeout_s)") in logs[1]

@@ -16,7 +16,9 @@ import datetime
 import gc
 import hashlib
 import logging
+import os
 import re
+import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,18 +114,51 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
-        store = torchrun_attempt_store(rank, world_size, timeout)
-        dist.init_process_group(
-            backend=backend,
-            init_method=None if store else "env://",
-            store=store,
-            rank=rank,
-            world_size=world_size,
-            timeout=timeout,
-            device_id=torch_device if torch_device.type == "cuda" else None,
-        )
+        with _rendezvous_deadline(rank, timeout_s):
+            try:
+                store = torchrun_attempt_store(rank, world_size, timeout)
+                dist.init_process_group(
+                    backend=backend,
+                    init_method=None if store else "env://",
+                    store=store,
+                    rank=rank,
+                    world_size=world_size,
+                    timeout=timeout,
+                    device_id=torch_device if torch_device.type == "cuda" else None,
+                )
+            except dist.DistNetworkError as error:
+                if "EADDRINUSE" not in str(error):
+                    raise
+                raise LaunchError(
+                    f"MASTER_PORT {os.environ.get('MASTER_PORT')} is already in use on this host "
+                    f"(MASTER_ADDR {os.environ.get('MASTER_ADDR')}): another run or program listens there. Choose a "
+                    "free port (MASTER_PORT=..., torchrun --master-port, or --rdzv-endpoint HOST:PORT)"
+                ) from None
         record_rank_hosts(all_gather_objects(host_addresses()))
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+@contextlib.contextmanager
+def _rendezvous_deadline(rank: int, timeout_s: int) -> Iterator[None]:
+    """End this process with a message if joining the process group takes longer than the collective timeout.
+
+    A rank that reaches a MASTER_PORT held by another program (or a rank 0 that never started)
+    waits inside torch's store client for an answer that never comes, whatever the timeout.
+    """
+    def give_up() -> None:
+        log.error("rank %d: could not join the process group at %s:%s within %d s (train.dist_timeout_s): rank 0 "
+                  "did not start, failed, or MASTER_PORT is used by another program there", rank,
+                  os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+    deadline = threading.Timer(timeout_s, give_up)
+    deadline.daemon = True
+    deadline.start()
+    try:
+        yield
+    finally:
+        deadline.cancel()
 
 
 def is_distributed() -> bool:
