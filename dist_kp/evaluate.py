@@ -84,8 +84,21 @@ def read_results(url: str, store: storage.Storage) -> Any:
         raise EvaluationError(f"{url} is not valid JSON: {error}") from None
 
 
+def output_folder(args: argparse.Namespace, store: storage.Storage) -> str:
+    """The folder for metrics.json, created before the evaluation runs (a file in the way is named)."""
+    folder = args.out or (args.results.rsplit("/", 1)[0] if "/" in args.results else ".")
+    fs, path = store.url_to_fs(folder)
+    try:
+        fs.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:
+        raise EvaluationError(f"--out {folder} cannot be a folder: a file is in the way ({error.strerror}: "
+                              f"{error.filename or path})") from None
+    return folder
+
+
 def evaluate_file(args: argparse.Namespace) -> None:
     store = storage.Storage()  # no config here: default options, credentials from the environment
+    folder = output_folder(args, store)
     index = load_index(args.annotations, store)
     results = read_results(args.results, store)
     check_results(results, args.results, set(index.image_ids.tolist()), index.meta.category_id,
@@ -93,9 +106,7 @@ def evaluate_file(args: argparse.Namespace) -> None:
     iou_types = ("keypoints", "bbox") if all("bbox" in r for r in results) else ("keypoints",)
     output = evaluate_results(ground_truth(index), results, args.backend or "faster_coco_eval", args.sigmas, iou_types,
                               args.keypoint_area or "keypoints")
-    folder = args.out or (args.results.rsplit("/", 1)[0] if "/" in args.results else ".")
     fs, path = store.url_to_fs(folder)
-    fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/metrics.json", "w") as f:
         json.dump(output.metrics, f, indent=1)
     log.info("%d results on %d images:\n%s\nmetrics written to %s/metrics.json", len(results), len(index),

@@ -41,6 +41,7 @@ from dist_kp.data.index import KeypointMeta
 from dist_kp.evaluation.results import outputs_to_results
 from dist_kp.model.keypoint_rcnn import build_model
 from dist_kp.storage import Storage, StorageError
+from dist_kp.storage.untrusted import load_untrusted
 from dist_kp.tracking.pictures import draw_people, skeleton_connectivity
 
 log = logging.getLogger("dist_kp.predict")
@@ -67,7 +68,7 @@ def load_predictor(weights: str, device: torch.device) -> tuple[KeypointRCNN, Ke
     """The model rebuilt from a final weights file alone (model config, keypoints, state dict), in eval mode."""
     try:
         with STORAGE.open(weights, "rb") as f:
-            payload = torch.load(f, map_location="cpu", weights_only=True)
+            payload = load_untrusted(f)
     except FileNotFoundError:
         raise PredictError(f"weights file not found: {weights}") from None
     except Exception as error:  # noqa: BLE001 - torch/fsspec raise many types; the message keeps it

@@ -185,8 +185,10 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path: Path) -> 
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"]["state.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match="refused to load"):
+    with pytest.raises(CheckpointError, match="refused to load") as refused:
         store.read(store.step_url(3))
+    # What the file tried to load, and never PyTorch's advice to load it anyway (weights_only=False).
+    assert "may run code" in str(refused.value) and "weights_only" not in str(refused.value)
     assert store.latest() is None
     assert not marker.exists()
 

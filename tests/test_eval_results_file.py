@@ -102,3 +102,17 @@ def test_check_results_names_the_rule_of_each_kind_of_bad_record() -> None:
         assert str(refused.value).startswith("r.json: ")
     check_results([good, dict(good, image_id=2, bbox=[0.5, 0, 0, 0])], "r.json", {1, 2}, 1, 17, "gt.json")
     check_results([], "r.json", {1, 2}, 1, 17, "gt.json")
+
+
+@pytest.mark.parametrize("out", ["a_file", "a_file/metrics"])
+def test_an_out_folder_that_a_file_is_in_the_way_of_is_named_before_evaluating(synthetic_root: Path, tmp_path: Path,
+                                                                               out: str) -> None:
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(good_results(synthetic_root)))
+    (tmp_path / "a_file").write_text("kept")
+    result = run_module("dist_kp.evaluate", ["--annotations", str(val_json(synthetic_root)), "--results", str(path),
+                                             "--out", str(tmp_path / out)])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"--out {tmp_path / out} cannot be a folder: a file is in the way" in result.stderr
+    assert (tmp_path / "a_file").read_text() == "kept"

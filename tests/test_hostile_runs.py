@@ -16,6 +16,7 @@ import pytest
 
 from dist_kp.engine.checkpoint import CheckpointStore
 from dist_kp.config import CheckpointConfig
+from dist_kp.distributed.preemption import stalled_message
 from dist_kp.storage.run_folder import RunFolder
 from tests.conftest import TINY_CONFIG, LogReader, check, child_env, run_module, start_module, tiny_overrides, wait_until
 
@@ -212,3 +213,8 @@ def test_report_skips_lines_of_metrics_jsonl_that_are_not_records(tmp_path: Path
     history = load_history(str(tmp_path))
     assert history.series("train/loss") == ([1, 2], [3.0, 2.0])
     assert "line 2 is not a metrics record" in caplog.text
+
+
+@pytest.mark.parametrize(("grace_s", "said"), [(0.5, "within 0.5 s"), (3, "within 3 s"), (120.0, "within 120 s")])
+def test_a_fractional_stop_grace_is_said_as_configured(grace_s: float, said: str) -> None:
+    assert said in stalled_message(1, signal.SIGTERM, grace_s)  # was "within 0 s" for 0.5

@@ -212,3 +212,19 @@ def test_another_keypoint_count_is_not_another_architecture(tmp_path: Path) -> N
     torch.save(weights_payload(build_model(cfg, 17), cfg, {}), path)
     report = load_weights(build_model(cfg, 5), str(path), architecture=cfg)
     assert set(report.reinitialised) == KEYPOINT_PREDICTOR
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran when the file was loaded",))
+
+
+def test_a_weights_file_that_runs_code_is_refused_without_advice_to_load_it_anyway(tmp_path: Path) -> None:
+    path = tmp_path / "model_final.pt"
+    torch.save({"model": {"w": RunsCode()}}, path)
+    cfg = load_config(TINY_CONFIG).model
+    with pytest.raises(WeightsError) as refused:
+        build_model(cfg.model_copy(update={"weights": str(path)}), num_keypoints=17)
+    message = str(refused.value)
+    assert str(path) in message and "it loads print" in message
+    assert "weights_only" not in message and "trust" not in message

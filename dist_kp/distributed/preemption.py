@@ -34,6 +34,11 @@ def job_requeued() -> bool:
     return _job_requeued
 
 
+def stalled_message(rank: int, signum: int, grace_s: float) -> str:
+    return (f"rank {rank}: {signal.Signals(signum).name} received, but the current step did not end within "
+            f"{grace_s:g} s (train.stop_grace_s); exiting without a checkpoint (the run resumes from the previous one)")
+
+
 class PreemptionHandler:
     """Signal handlers that ask for a stop at the next step boundary, and say on every rank at once when to stop.
 
@@ -64,9 +69,7 @@ class PreemptionHandler:
         self._watchdog.start()
 
     def _give_up(self, signum: int) -> None:
-        log.error("rank %d: %s received, but the current step did not end within %.0f s (train.stop_grace_s); "
-                  "exiting without a checkpoint (the run resumes from the previous one)", distributed.get_rank(),
-                  signal.Signals(signum).name, self.grace_s)
+        log.error("%s", stalled_message(distributed.get_rank(), signum, self.grace_s))
         logging.shutdown()
         os._exit(EXIT_PREEMPTED)
 

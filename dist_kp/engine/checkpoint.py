@@ -29,6 +29,7 @@ from dist_kp.config import CheckpointConfig
 from dist_kp.storage.run_folder import CHECKPOINT_MANIFEST as MANIFEST
 from dist_kp.storage.run_folder import CHECKPOINT_STATE as STATE_FILE
 from dist_kp.storage.run_folder import RunFolder
+from dist_kp.storage.untrusted import load_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +239,7 @@ class CheckpointStore:
         if len(data) != entry["size"] or _sha256(data) != entry["sha256"]:
             raise CheckpointError(f"{url}: {STATE_FILE} does not match its manifest (truncated or corrupt)")
         try:
-            # A checkpoint is untrusted input: weights_only refuses anything but tensors and plain data.
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return load_untrusted(io.BytesIO(data))  # a checkpoint is untrusted input
         except Exception as error:  # noqa: BLE001
             raise CheckpointError(f"{url}: refused to load ({type(error).__name__}: {error})") from None
 

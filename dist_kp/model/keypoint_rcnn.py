@@ -31,6 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from dist_kp import distributed
 from dist_kp.config import ModelConfig
 from dist_kp.storage import Storage
+from dist_kp.storage.untrusted import load_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _load_payload(source: str, store: Storage | None = None) -> tuple[dict[str, 
     try:
         # Without a Storage: the process-wide default that train configures (until every caller passes one).
         with (store or Storage()).open(source, "rb") as f:
-            loaded = torch.load(f, map_location="cpu", weights_only=True)
+            loaded = load_untrusted(f)
     except FileNotFoundError:
         raise WeightsError(f"weights file not found: {source}") from None
     except Exception as error:
