@@ -18,6 +18,7 @@ import struct
 import threading
 from collections import deque
 from dataclasses import dataclass
+from typing import Self
 from urllib.parse import urlsplit
 
 
@@ -66,8 +67,11 @@ class FaultProxy:
         with self._lock:
             self._always = fault
 
-    def reset_counts(self) -> None:
+    def reset(self) -> None:
+        """Pass everything through again, with the counts at zero."""
         with self._lock:
+            self._faults.clear()
+            self._always = None
             self.requests = self.failed = 0
 
     def next_fault(self) -> Fault | None:
@@ -78,7 +82,7 @@ class FaultProxy:
             self.failed += fault is not None
             return fault
 
-    def __enter__(self) -> FaultProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -98,7 +102,7 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as clients pool connections
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's signature
+        def log_message(self, format: str, *args: object) -> None:  # quiet: the tests read the counts
             pass
 
         def _body(self) -> bytes:

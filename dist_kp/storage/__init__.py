@@ -8,7 +8,8 @@ One `Storage` (the config's `storage` section) serves data reads and outputs ali
 plain value, passed to what needs it (and pickled into data-loader workers). Credentials and
 the endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_REGION, or the AWS credential chain); only non-secret options come from
-the config.
+the config. S3 requests retry transient errors (5xx, 429, refused or reset connections) with
+backoff for up to `timeout_s` (`TransientRetry`); 403 and 404 fail at once.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class TransientRetry:
         problem = transient_error(response, caught_exception)
         if problem is None:
             return None
-        elapsed = time.monotonic() - request_dict["context"].get(_STARTED, time.monotonic())
+        elapsed = time.monotonic() - request_dict["context"][_STARTED]
         if attempts >= MIN_ATTEMPTS and elapsed >= self.timeout_s:
             if response is not None:  # botocore's ClientError then says "(reached max retries: N)"
                 response[1].setdefault("ResponseMetadata", {}).update(MaxAttemptsReached=True,
