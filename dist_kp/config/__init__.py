@@ -73,8 +73,8 @@ class StorageConfig(Section):
         " credential-like keys are refused, values off the allow list are written as <redacted>."
     )
     timeout_s: float = Field(
-        60.0, gt=0.0, description="Seconds an object-store request may wait for the server (connect: at most 10);"
-        " 4 attempts per request."
+        60.0, gt=0.0, description="Seconds an object-store request may wait for the server (connect: at most 10),"
+        " and how long it retries transient errors (5xx, 429, refused or reset connections) with backoff."
     )
 
     @field_validator("options")

@@ -8,7 +8,8 @@ One `Storage` (the config's `storage` section) serves data reads and outputs ali
 plain value, passed to what needs it (and pickled into data-loader workers). Credentials and
 the endpoint come from the standard environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL, AWS_REGION, or the AWS credential chain); only non-secret options come from
-the config.
+the config. S3 requests retry transient errors (5xx, 429, refused or reset connections) with
+backoff for up to `timeout_s` (`TransientRetry`); 403 and 404 fail at once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +31,19 @@ from dist_kp.config.secrets import redact_text
 
 log = logging.getLogger(__name__)
 
-# Attempts per S3 request: botocore's (total_max_attempts) times s3fs's own retry loop.
-BOTOCORE_ATTEMPTS = 2
+# Attempts per S3 request at least (a frozen server: one lost answer is retried), and s3fs's own loop
+# around each (it retries failed body reads, SlowDown and timeouts once more).
+MIN_ATTEMPTS = 2
 S3FS_ATTEMPTS = 2
 DEFAULT_TIMEOUT_S = 60.0
+# Jittered exponential backoff between attempts: up to 0.25 s, 0.5 s, 1 s, ... 20 s.
+BACKOFF_BASE_S = 0.25
+BACKOFF_MAX_S = 20.0
+# Answers that a later attempt may not get: overload, a restarting or failing server.
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+TRANSIENT_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException",
+                             "TooManyRequests", "TooManyRequestsException", "RequestLimitExceeded"})
+_STARTED = "dist_kp_started"  # the monotonic start of a request, in botocore's per-request context
 
 
 class StorageError(OSError):
@@ -53,15 +65,74 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
-def _drop_expect_header(fs: AbstractFileSystem) -> None:
-    """Without this a write to a server that accepts but never answers hangs forever."""
+def _prepare_client(fs: AbstractFileSystem, timeout_s: float) -> None:
+    """Drop the Expect header and put `TransientRetry` in place of botocore's count-based retries."""
     import botocore.handlers
 
-    if getattr(fs, "_dist_kp_no_expect", False):  # fsspec caches instances; do it once each
+    if getattr(fs, "_dist_kp_prepared", False):  # fsspec caches instances; do it once each
         return
     fs.connect()
-    fs.s3.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
-    fs._dist_kp_no_expect = True
+    events = fs.s3.meta.events
+    # Without this a write to a server that accepts but never answers hangs forever.
+    events.unregister("before-call.s3", botocore.handlers.add_expect_header)
+    retry = TransientRetry(timeout_s)
+    events.unregister("needs-retry.s3", unique_id="retry-config-s3")
+    events.register("before-call.s3", retry.start, unique_id="dist-kp-retry-start")
+    events.register("needs-retry.s3", retry.needs_retry, unique_id="dist-kp-retry")
+    fs._dist_kp_prepared = True
+
+
+def transient_error(response: tuple[Any, dict] | None, error: BaseException | None) -> str | None:
+    """What went wrong in one S3 attempt if another attempt may succeed (5xx, 429, throttling, a
+    refused, reset or timed-out connection); None for a success or an error a retry cannot fix (403, 404)."""
+    from botocore.exceptions import ConnectionError, HTTPClientError, SSLError
+
+    if error is not None:
+        # A certificate problem does not go away; a connection that failed or broke may.
+        transient = isinstance(error, (ConnectionError, HTTPClientError)) and not isinstance(error, SSLError)
+        return f"{type(error).__name__}: {error}" if transient else None
+    if response is None:
+        return None
+    http_response, parsed = response
+    status, code = http_response.status_code, parsed.get("Error", {}).get("Code", "")
+    if status in TRANSIENT_STATUS or code in TRANSIENT_CODES:
+        return f"{status} {code}" if code and code != str(status) else str(status)  # HEAD answers have no code
+    return None
+
+
+@dataclass(frozen=True)
+class TransientRetry:
+    """botocore's needs-retry handler: transient errors are retried with jittered exponential backoff
+    until `timeout_s` has passed since the request started (at least MIN_ATTEMPTS attempts).
+
+    The last attempt may still wait `timeout_s` for an answer, so one request ends within
+    2 x timeout_s (s3fs's own loop around it: `Storage.request_limit_s`). Logs the first retry
+    of a request at WARNING; the error of a request that gives up names its attempts.
+    """
+
+    timeout_s: float
+
+    def start(self, context: dict, **_: Any) -> None:
+        context[_STARTED] = time.monotonic()
+
+    def needs_retry(self, response: tuple[Any, dict] | None, caught_exception: BaseException | None,
+                    attempts: int, request_dict: dict, operation: Any, **_: Any) -> float | None:
+        """Seconds to wait before the next attempt, or None: done (success, a lasting error, time is up)."""
+        problem = transient_error(response, caught_exception)
+        if problem is None:
+            return None
+        elapsed = time.monotonic() - request_dict["context"][_STARTED]
+        if attempts >= MIN_ATTEMPTS and elapsed >= self.timeout_s:
+            if response is not None:  # botocore's ClientError then says "(reached max retries: N)"
+                response[1].setdefault("ResponseMetadata", {}).update(MaxAttemptsReached=True,
+                                                                      RetryAttempts=attempts - 1)
+            return None
+        backoff = random.uniform(0.0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempts - 1)))
+        where = redact_text(f"S3 {operation.name} {request_dict.get('url', '')}")
+        (log.warning if attempts == 1 else log.debug)(
+            "%s: attempt %d failed with a transient error (%s); retrying with backoff for up to %.0f s",
+            where, attempts, problem, self.timeout_s)
+        return min(backoff, max(0.0, self.timeout_s - elapsed))
 
 
 @dataclass(frozen=True)
@@ -93,14 +164,21 @@ class Storage:
         """From the config's `storage` section (options, timeout_s)."""
         return cls(dict(section.options), float(section.timeout_s))
 
+    @property
+    def request_limit_s(self) -> float:
+        """The longest one object-store request takes to fail: retries start until `timeout_s` has
+        passed, the last may wait `timeout_s` more, and s3fs may repeat the whole once."""
+        return 2 * self.timeout_s * S3FS_ATTEMPTS
+
     def _s3_options(self) -> dict[str, Any]:
         import s3fs
 
         # Bounded retries: s3fs otherwise retries a dead endpoint for minutes (a class attribute:
-        # the constructor refuses `retries=`).
+        # the constructor refuses `retries=`). botocore's own count-based retries give way to
+        # TransientRetry (`_prepare_client`); "standard" is the mode whose handler that replaces.
         s3fs.S3FileSystem.retries = S3FS_ATTEMPTS
         config: dict[str, Any] = {"connect_timeout": min(self.timeout_s, 10.0), "read_timeout": self.timeout_s,
-                                  "retries": {"total_max_attempts": BOTOCORE_ATTEMPTS, "mode": "standard"}}
+                                  "retries": {"mode": "standard"}}
         if hasattr(socket, "TCP_USER_TIMEOUT"):
             config["connector_args"] = {"socket_factory": _SendTimeoutSocket(self.timeout_s)}
         client_kwargs = dict(self.options.get("client_kwargs", {}))
@@ -123,7 +201,7 @@ class Storage:
         protocol = url.split("://", 1)[0] if "://" in url else "file"
         if protocol in ("s3", "s3a"):
             fs, path = fsspec.core.url_to_fs(url, **self._s3_options())
-            _drop_expect_header(fs)
+            _prepare_client(fs, self.timeout_s)
             return fs, path
         return fsspec.core.url_to_fs(url, **(self.options if protocol != "file" else {}))
 
@@ -194,16 +272,31 @@ def _named_errors(url: str, timeout_s: float) -> Iterator[None]:
         raise explain(error, url, timeout_s) from error
 
 
+def _gave_up_retrying(error: BaseException | None) -> BaseException | None:
+    """The botocore error that TransientRetry gave up on, in `error`'s chain (s3fs re-raises it translated)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        response = getattr(error, "response", None)
+        if isinstance(response, dict) and response.get("ResponseMetadata", {}).get("MaxAttemptsReached"):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def explain(error: BaseException, url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> StorageError:
     """A StorageError naming the URL for an error raised by a file system call."""
     text = f"{type(error).__name__}: {error}"
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text \
             or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
         hint = "access denied: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the AWS profile) for it"
+    elif (gave_up := _gave_up_retrying(error)) is not None:
+        hint = (f"the storage server kept failing with a transient error for {timeout_s:.0f} s of retries "
+                f"(overloaded or restarting? storage.timeout_s sets how long to retry): {gave_up}")
     elif "EndpointConnectionError" in text or "ConnectTimeout" in text or "ReadTimeout" in text \
             or "Could not connect" in text:
-        hint = (f"storage endpoint not reachable (no answer within {timeout_s:.0f} s per attempt, "
-                f"{BOTOCORE_ATTEMPTS * S3FS_ATTEMPTS} attempts; check AWS_ENDPOINT_URL and the server)")
+        hint = (f"storage endpoint not reachable (retried for {timeout_s:.0f} s, no answer within {timeout_s:.0f} s "
+                "per attempt; check AWS_ENDPOINT_URL and the server)")
     elif isinstance(error, FileNotFoundError):
         hint = "not found"
     else:
