@@ -183,6 +183,7 @@ def run(cfg: Config) -> int:
         log.info("%d training images, %d steps per epoch per rank", len(trainer.loader.dataset),
                  trainer.steps_per_epoch)
     preempted = PreemptionHook(preemption)
+    preemption.before_exit.append(checkpointer.finish_save)
     for hook in [CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
                  *evaluation,  # after the epoch end's checkpoint (which records the evaluation as pending)
                  FinalWeightsHook(folder, cfg.model, meta), tracker, start_tensorboard(cfg, folder), preempted,

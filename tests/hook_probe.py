@@ -71,15 +71,25 @@ class HoldHook(Hook):
 
     def __init__(self, cfg: Config) -> None:
         self.step = int(os.environ.get("HOLD_AT_STEP", "0"))
+        # Holds in after_checkpoint of this step instead: after the save, before what follows it
+        # (the epoch end's evaluation).
+        self.checkpoint_step = int(os.environ.get("HOLD_AFTER_CHECKPOINT", "0"))
         self.marker = Path(os.environ.get("PROBE_DIR", ".")) / f"held{distributed.get_rank()}"
 
-    def after_step(self, trainer) -> None:
+    def _hold(self) -> None:
         import time
 
+        self.marker.write_text(str(os.getpid()))
+        while True:
+            time.sleep(1)
+
+    def after_step(self, trainer) -> None:
         if self.step and trainer.progress.step == self.step:
-            self.marker.write_text(str(os.getpid()))
-            while True:
-                time.sleep(1)
+            self._hold()
+
+    def after_checkpoint(self, trainer, url: str) -> None:
+        if self.checkpoint_step and trainer.progress.step == self.checkpoint_step:
+            self._hold()
 
 
 class EventProbeHook(Hook):

@@ -137,3 +137,23 @@ def test_keep_best_and_early_stop_carry_their_state_across_a_kill_on_two_ranks(s
     else:  # every rank stopped after the same evaluation, with a checkpoint and the final weights
         assert evaluated[-1] == stop and f"training stopped early at step {stop}" in result.stderr
         assert (out / "checkpoints" / f"step_{stop:08d}" / "manifest.json").exists()
+
+
+def test_an_epoch_end_evaluation_cut_by_the_end_of_the_process_runs_first_when_the_run_resumes(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    """Killed after the epoch end's checkpoint is stored and before its evaluation ran: the resumed
+    run evaluates that step before it trains on, and says so."""
+    probe, out = tmp_path / "probe", tmp_path / "run"
+    probe.mkdir()
+    env = child_env(PROBE_DIR=str(probe))
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, out, "train.max_steps=7", "train.workers=0", "eval.every_epochs=1", "eval.max_images=4",
+        "eval.num_visualize=0", "eval.at_end=false", "train.hooks=[tests.hook_probe:HoldHook]")]
+    kill_when_held(start_module("dist_kp.train", args, nproc=2, env={**env, "HOLD_AFTER_CHECKPOINT": "6"}), probe, 2,
+                   r"checkpoint step 6 saved")
+    assert not (out / "eval" / f"{6:08d}").exists()
+    result = check(run_module("dist_kp.train", args, nproc=2, env=env))
+    assert "the evaluation of step 6 did not run before the checkpoint resumed from: running it now" in result.stderr
+    assert (out / "eval" / f"{6:08d}" / "metrics.json").is_file()
+    resumed, evaluated = result.stderr.index("resumed from"), result.stderr.index("running it now")
+    assert resumed < evaluated < result.stderr.index(" step 7 ")  # before training on

@@ -218,3 +218,32 @@ def test_report_skips_lines_of_metrics_jsonl_that_are_not_records(tmp_path: Path
 @pytest.mark.parametrize(("grace_s", "said"), [(0.5, "within 0.5 s"), (3, "within 3 s"), (120.0, "within 120 s")])
 def test_a_fractional_stop_grace_is_said_as_configured(grace_s: float, said: str) -> None:
     assert said in stalled_message(1, signal.SIGTERM, grace_s)  # was "within 0 s" for 0.5
+
+
+def test_after_the_grace_a_save_in_flight_completes_before_the_process_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The epoch end saved in the background before a long evaluation is not lost to a short grace."""
+    import threading
+
+    from dist_kp.distributed.preemption import EXIT_PREEMPTED, PreemptionHandler
+
+    save_done, ended = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def exit_process(status: int) -> None:  # the process itself must go on for the test: record instead
+        order.append(f"exit {status}")
+        ended.set()
+
+    def finish_save() -> None:
+        order.append("grace over, save in flight")
+        save_done.wait(30)
+        order.append("save stored")
+
+    monkeypatch.setattr("dist_kp.distributed.preemption.os._exit", exit_process)
+    handler = PreemptionHandler(grace_s=0.05)
+    handler.before_exit.append(finish_save)
+    handler._handle(signal.SIGTERM, None)  # the grace starts
+    wait_until(lambda: order, "the grace over", 30)
+    assert order == ["grace over, save in flight"]  # not ended while the save is in flight
+    save_done.set()
+    assert ended.wait(30)
+    assert order == ["grace over, save in flight", "save stored", f"exit {EXIT_PREEMPTED}"]

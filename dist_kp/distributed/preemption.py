@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 from dist_kp import distributed
@@ -54,6 +55,9 @@ class PreemptionHandler:
         self.received: int | None = None
         self.grace_s = grace_s
         self._watchdog: threading.Timer | None = None
+        # Run when the grace is over, before the process ends: a save in flight completes, so the
+        # epoch end saved before a long evaluation is not lost with it.
+        self.before_exit: list[Callable[[], None]] = []
 
     def install(self) -> None:
         for sig in self.SIGNALS:
@@ -70,6 +74,11 @@ class PreemptionHandler:
 
     def _give_up(self, signum: int) -> None:
         log.error("%s", stalled_message(distributed.get_rank(), signum, self.grace_s))
+        for finish in self.before_exit:
+            try:
+                finish()
+            except Exception as error:  # noqa: BLE001 - the process ends either way; say why the finish failed
+                log.error("rank %d: before exiting: %s", distributed.get_rank(), error)
         logging.shutdown()
         os._exit(EXIT_PREEMPTED)
 

@@ -195,6 +195,11 @@ class CheckpointStore:
         if self._pending is not None and self._pending.done():
             self.wait()
 
+    @property
+    def saving(self) -> bool:
+        """A save is in flight."""
+        return self._pending is not None and not self._pending.done()
+
     def wait(self) -> None:
         """Block until the save in flight is done; raise its error."""
         pending, self._pending = self._pending, None

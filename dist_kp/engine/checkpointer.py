@@ -12,11 +12,14 @@ reads the result here: `resumed`, `starts_over`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from dist_kp import distributed
 from dist_kp.engine.checkpoint import CheckpointStore, SaveListener
 from dist_kp.engine.run_state import RunState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class Checkpointer:
     def wait(self) -> None:
         """Rank 0: block until the save in flight is stored."""
         if distributed.is_main_process():
+            self.store.wait()
+
+    def finish_save(self) -> None:
+        """Rank 0, on the way out after a stop signal's grace: let the save in flight complete."""
+        if distributed.is_main_process() and self.store.saving:
+            log.warning("waiting for the checkpoint save in flight before exiting")
             self.store.wait()
 
     def close(self) -> None:
