@@ -305,8 +305,8 @@ class CheckpointStore:
             for name in (MANIFEST, STATE_FILE):
                 if name in names:
                     self.fs.rm_file(f"{folder}/{name}")
-            if not others and storage.is_local(self.fs) and self.fs.exists(folder):  # object stores have no folders
-                self.fs.rmdir(folder)
+            if not others and self.fs.exists(folder):
+                storage.remove_empty_folder(self.fs, folder)
         return [f"{url}/{name}" for name in others]
 
     def _report_left(self, action: str, urls: list[str]) -> None:

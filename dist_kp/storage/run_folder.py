@@ -204,7 +204,8 @@ class RunFolder:
             fs.invalidate_cache(path)  # another writer (or this process, through another client) changed it
             if not fs.exists(path):
                 return []
-            return sorted(_base(p) for p in fs.ls(path, detail=False))
+            # An object store may list the folder's own entry (`key/`) in it.
+            return sorted(_base(p) for p in fs.ls(path, detail=False) if p.rstrip("/") != path.rstrip("/"))
 
     def _listed_steps(self, folder: str, parse) -> list[int]:
         return sorted(step for step in map(parse, self.names(folder)) if step is not None)
