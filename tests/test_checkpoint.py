@@ -300,6 +300,7 @@ def overwrite_among_files_of_others(out: str, fs, root: str, caplog: pytest.LogC
         put(fs, path)
     store = CheckpointStore(RunFolder(out), CheckpointConfig(resume="none", overwrite=True))
     found, choice = store.resolve("none")
+    assert found is None and choice.start_over == (10, 20)
     with caplog.at_level(logging.WARNING, logger="dist_kp.engine.checkpoint"):
         store.remove_earlier(choice)
     fs.invalidate_cache()

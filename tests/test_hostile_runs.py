@@ -217,7 +217,8 @@ def test_start_removes_only_dist_kps_own_temporaries_of_dead_writers_and_names_t
              f"eval/00000004/metrics.json.tmp-{dead}", f"tensorboard/events.out.tfevents.1.vm.7.0.tmp-{dead}"]
     users = [f"user_stuff/notes.tmp-{dead}", f"notes.tmp-{dead}", f"checkpoints/step_00000004/notes.txt.tmp-{dead}",
              f"user_stuff/config.yaml.tmp-{dead}"]
-    live = [f"model_final.pt.tmp-{alive}", *(f"report/{plot}.png.tmp-{alive}" for plot in ("losses", "lr", "throughput", "ap", "predictions", "pr"))]
+    plots = ("losses", "lr", "throughput", "ap", "predictions", "pr")
+    live = [f"model_final.pt.tmp-{alive}", *(f"report/{plot}.png.tmp-{alive}" for plot in plots)]
     for name in stale + users + live:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"some bytes")
