@@ -103,12 +103,11 @@ def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
 def open_run_folder(cfg: Config, info: distributed.DistInfo) -> RunFolder:
     """The run's folder on the one Storage of this run (passed to every reader and writer from here on).
 
-    Rank 0 removes what killed writers left and writes the resolved config.
+    Rank 0 removes what killed writers left.
     """
     folder = RunFolder(cfg.output_dir, storage.Storage.from_config(cfg.storage))
     if info.is_main:
         folder.remove_stale_temporaries()
-        folder.write(folder.config, config_to_yaml(cfg).encode())
         log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, folder.url)
         if "SLURM_JOB_ID" in os.environ:
             log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
@@ -172,6 +171,8 @@ def run(cfg: Config) -> int:
                         cfg.train.epochs, cfg.train.max_steps)
         checkpointer.close()
         return 0
+    if info.is_main:  # only now: a start refused at resume leaves the run's config.yaml as it was
+        folder.write(folder.config, config_to_yaml(cfg).encode())
     if resumed:
         trainer.continue_from(resumed)
         apply_optim_config(trainer.optimizer, trainer.scheduler, cfg.optim)  # the config's values from now on

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 import re
@@ -255,6 +256,88 @@ def test_pruning_removes_partial_folders_older_than_the_newest_checkpoint(tmp_pa
     (tmp_path / "checkpoints" / "step_00000003" / "state.pt").write_bytes(b"cut off by a kill")
     store.write(4, tiny_state(4))
     assert store.steps() == [2, 4]
+
+
+def put(fs, path: str, data: bytes = b"kept by the user") -> None:
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def left_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "that dist_kp did not write" in r.getMessage()]
+
+
+def prune_among_files_of_others(out: str, fs, root: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Pruning in `out` (`root` on `fs`) deletes a save's files and keeps anyone else's, named in one warning."""
+    store = CheckpointStore(RunFolder(out), CheckpointConfig(keep_last=1))
+    store.write(2, tiny_state(2))
+    checkpoints = f"{root}/checkpoints"
+    put(fs, f"{checkpoints}/step_00000002/notes.txt")
+    put(fs, f"{checkpoints}/step_00000001/state.pt", b"cut off by a kill")  # dist_kp's names only: all goes
+    put(fs, f"{checkpoints}/step_00000003/state.pt", b"cut off by a kill")
+    put(fs, f"{checkpoints}/step_00000003/plots/loss.png")
+    with caplog.at_level(logging.WARNING, logger="dist_kp.engine.checkpoint"):
+        store.write(4, tiny_state(4))
+        store.write(5, tiny_state(5))  # prunes step 4; what was left is not named again
+    fs.invalidate_cache()
+    assert sorted(fs.find(checkpoints)) == [f"{checkpoints}/step_00000002/notes.txt",
+                                           f"{checkpoints}/step_00000003/plots/loss.png",
+                                           f"{checkpoints}/step_00000005/manifest.json",
+                                           f"{checkpoints}/step_00000005/state.pt"]
+    assert store.steps() == [2, 3, 5] and store.latest()[0] == store.step_url(5)
+    warnings = left_warnings(caplog)
+    assert len(warnings) == 1 and "pruning left 2 files or folders" in warnings[0], warnings
+    assert f"{out}/checkpoints/step_00000002/notes.txt" in warnings[0]
+    assert f"{out}/checkpoints/step_00000003/plots" in warnings[0]
+
+
+def overwrite_among_files_of_others(out: str, fs, root: str, caplog: pytest.LogCaptureFixture) -> None:
+    """checkpoint.overwrite=true in `out` deletes the earlier run's checkpoints and keeps anyone else's files."""
+    earlier = CheckpointStore(RunFolder(out), CheckpointConfig())
+    for step in (10, 20):
+        earlier.write(step, tiny_state(step))
+    checkpoints = f"{root}/checkpoints"
+    kept = [f"{checkpoints}/README.txt", f"{checkpoints}/best/model.pt", f"{checkpoints}/step_00000020/eval_notes.txt"]
+    for path in kept:
+        put(fs, path)
+    store = CheckpointStore(RunFolder(out), CheckpointConfig(resume="none", overwrite=True))
+    found, choice = store.resolve("none")
+    assert found is None and choice.start_over == (10, 20)
+    with caplog.at_level(logging.WARNING, logger="dist_kp.engine.checkpoint"):
+        store.remove_earlier(choice)
+    fs.invalidate_cache()
+    assert sorted(fs.find(checkpoints)) == sorted(kept)
+    assert store.latest() is None
+    warnings = left_warnings(caplog)
+    assert len(warnings) == 1 and "checkpoint.overwrite=true left 3 files or folders" in warnings[0], warnings
+    for name in ("README.txt", "best", "step_00000020/eval_notes.txt"):
+        assert f"{out}/checkpoints/{name}" in warnings[0]
+
+
+def test_pruning_deletes_only_the_files_a_save_writes_and_names_the_others(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    import fsspec
+
+    prune_among_files_of_others(str(tmp_path), fsspec.filesystem("file"), str(tmp_path), caplog)
+    assert not (tmp_path / "checkpoints" / "step_00000001").exists()  # emptied folders go
+
+
+def test_overwrite_deletes_only_the_earlier_runs_checkpoints_and_names_the_other_files(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import fsspec
+
+    overwrite_among_files_of_others(str(tmp_path), fsspec.filesystem("file"), str(tmp_path), caplog)
+    assert not (tmp_path / "checkpoints" / "step_00000010").exists()
+
+
+def test_s3_pruning_and_overwrite_delete_only_what_dist_kp_wrote(s3_server,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    bucket = s3_server.create_bucket("only-own-files")
+    with environment(**s3_server.env()):
+        prune_among_files_of_others(f"s3://{bucket}/pruned", s3_server.filesystem(), f"{bucket}/pruned", caplog)
+        caplog.clear()
+        overwrite_among_files_of_others(f"s3://{bucket}/overwritten", s3_server.filesystem(), f"{bucket}/overwritten",
+                                        caplog)
 
 
 def test_a_failed_background_save_is_raised_by_the_next_save(tmp_path: Path) -> None:

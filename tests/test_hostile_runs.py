@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -203,6 +204,32 @@ def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(four_ste
     mine.write_bytes(b"being written")
     check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=5")))
     assert not leftover.exists() and mine.exists()
+
+
+def no_process_id() -> int:
+    """A process id no process can have (above the kernel's pid_max): its writer is known dead."""
+    return int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+
+
+def test_start_removes_only_dist_kps_own_temporaries_of_dead_writers_and_names_the_rest(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dead, alive = no_process_id(), os.getpid()
+    stale = [f"checkpoints/step_00000004/state.pt.tmp-{dead}", f"config.yaml.tmp-{dead}",
+             f"eval/00000004/metrics.json.tmp-{dead}", f"tensorboard/events.out.tfevents.1.vm.7.0.tmp-{dead}"]
+    users = [f"user_stuff/notes.tmp-{dead}", f"notes.tmp-{dead}", f"checkpoints/step_00000004/notes.txt.tmp-{dead}",
+             f"user_stuff/config.yaml.tmp-{dead}"]
+    plots = ("losses", "lr", "throughput", "ap", "predictions", "pr")
+    live = [f"model_final.pt.tmp-{alive}", *(f"report/{plot}.png.tmp-{alive}" for plot in plots)]
+    for name in stale + users + live:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"some bytes")
+    with caplog.at_level(logging.INFO, logger="dist_kp.storage.run_folder"):
+        removed = RunFolder(str(tmp_path)).remove_stale_temporaries()
+    assert sorted(removed) == sorted(str(tmp_path / name) for name in stale)
+    assert all((tmp_path / name).exists() for name in users + live)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "left 7 temporary files" in warnings[0], warnings
+    assert str(tmp_path / live[0]) in warnings[0] and "and 2 more" in warnings[0]
 
 
 def test_report_skips_lines_of_metrics_jsonl_that_are_not_records(tmp_path: Path, caplog) -> None:

@@ -53,15 +53,17 @@ def test_a_new_lr_and_momentum_at_resume_apply_from_the_resumed_step(three_steps
     assert "optim.lr 0.02 -> 0.01, applied from step 3 on" in changed[0]
 
 
-def test_a_changed_training_set_at_resume_is_refused_naming_the_key(three_steps: Path, synthetic_root: Path,
-                                                                   tmp_path: Path) -> None:
+def test_a_changed_training_set_at_resume_is_refused_naming_the_key_and_keeps_config_yaml(
+        three_steps: Path, synthetic_root: Path, tmp_path: Path) -> None:
     out = copy_of(three_steps, tmp_path)
+    config_before = (out / "config.yaml").read_bytes()
     result = run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=5",
                                                     "data.min_visible_keypoints=3"))
     assert result.returncode == 1, result.stderr[-3000:]
     assert "data.min_visible_keypoints (5 in the checkpoint, 3 now)" in result.stderr
     assert "Traceback" not in result.stderr
     assert store_of(out).steps()[-1] == 3  # nothing trained
+    assert (out / "config.yaml").read_bytes() == config_before  # the run's config, not the refused one
 
 
 def test_a_run_resumed_with_max_steps_below_its_checkpoint_changes_nothing_and_says_so(
@@ -74,4 +76,4 @@ def test_a_run_resumed_with_max_steps_below_its_checkpoint_changes_nothing_and_s
     assert "training finished" not in result.stderr
     after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-    assert changed <= {Path("config.yaml")}, changed  # model_final.pt, checkpoints, metrics untouched
+    assert changed == set(), changed  # model_final.pt, checkpoints, metrics, config.yaml untouched

@@ -28,7 +28,7 @@ from dist_kp import storage
 from dist_kp.config import CheckpointConfig
 from dist_kp.storage.run_folder import CHECKPOINT_MANIFEST as MANIFEST
 from dist_kp.storage.run_folder import CHECKPOINT_STATE as STATE_FILE
-from dist_kp.storage.run_folder import RunFolder
+from dist_kp.storage.run_folder import RunFolder, checkpoint_step, some_of
 from dist_kp.storage.untrusted import load_untrusted
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class CheckpointStore:
         self.storage = folder.storage
         self.fs, self.path = self.storage.url_to_fs(self.url)
         self._protected: set[int] = set()
+        self._reported: set[str] = set()  # what removing left (not dist_kp's), warned about once
         # The lineage this run's saves belong to (chosen by `resolve`), and the checkpoint it branched from.
         self.lineage = ""
         self.origin: str | None = None
@@ -283,6 +284,7 @@ class CheckpointStore:
         Checkpoints of another lineage (an earlier run this one branched from) are never deleted
         here, and this lineage's newest checkpoints are never deleted to make room for them.
         Partial folders older than this lineage's newest checkpoint (left by a killed save) go too.
+        Only the files a save writes are deleted (`_remove_checkpoint`); anything else stays, named in a warning.
         """
         steps = self.steps()
         manifests = {s: self.manifest(s) for s in steps}
@@ -295,8 +297,30 @@ class CheckpointStore:
             keep |= {s for s, m in mine if m["epoch_end"] and m["epoch"] % self.cfg.keep_every_epochs == 0}
         newest = max(s for s, _ in mine)
         doomed = [s for s, _ in mine if s not in keep] + [s for s in steps if manifests[s] is None and s < newest]
-        for step in sorted(doomed):
-            self.fs.rm(self._step_path(step), recursive=True)
+        self._report_left("pruning", [url for step in sorted(doomed) for url in self._remove_checkpoint(step)])
+
+    def _remove_checkpoint(self, step: int) -> list[str]:
+        """Delete the files a save writes into the folder of `step`, the manifest first (then it is no
+        checkpoint), and the folder once empty. Returns the URLs of anything else in it, which stays.
+        """
+        url, folder = self.step_url(step), self._step_path(step)
+        names = self.folder.names(url)
+        others = [name for name in names if name not in (MANIFEST, STATE_FILE)]
+        with self.storage.named_errors(url):
+            for name in (MANIFEST, STATE_FILE):
+                if name in names:
+                    self.fs.rm_file(f"{folder}/{name}")
+            if not others and self.fs.exists(folder):
+                storage.remove_empty_folder(self.fs, folder)
+        return [f"{url}/{name}" for name in others]
+
+    def _report_left(self, action: str, urls: list[str]) -> None:
+        """One warning naming what `action` did not delete because dist_kp did not write it (each URL once)."""
+        new = [url for url in urls if url not in self._reported]
+        self._reported.update(new)
+        if new:
+            log.warning("%s left %d files or folders in %s that dist_kp did not write: %s", action, len(new),
+                        self.url, some_of(new))
 
     def abort_unfinished_uploads(self) -> int:
         """Object stores: abort multipart uploads left under checkpoints/ by a killed or failed save.
@@ -362,13 +386,17 @@ class CheckpointStore:
     def remove_earlier(self, choice: ResumeChoice) -> None:
         """checkpoint.overwrite=true with resume=none: remove the earlier run's checkpoints (after the decision).
 
-        Left in place, the old run's later steps would win every prune and the next resume.
+        Left in place, the old run's later steps would win every prune and the next resume. Only
+        what its saves wrote goes (`_remove_checkpoint`); anything else in checkpoints/ stays,
+        named in a warning.
         """
         if not choice.start_over:
             return
         log.warning("checkpoint.overwrite=true: deleting the %d checkpoints of the earlier run in %s",
                     len(choice.start_over), self.url)
-        self.fs.rm(self.path, recursive=True)
+        left = [url for step in choice.start_over for url in self._remove_checkpoint(step)]
+        left += [f"{self.url}/{name}" for name in self.folder.names(self.url) if checkpoint_step(name) is None]
+        self._report_left("checkpoint.overwrite=true", left)
 
     def close(self) -> None:
         """Wait for the save in flight (raising its error) and stop the writer thread."""

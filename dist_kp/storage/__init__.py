@@ -262,6 +262,19 @@ def write_file(fs: AbstractFileSystem, path: str, data: bytes | memoryview) -> N
     f.close()
 
 
+def remove_empty_folder(fs: AbstractFileSystem, path: str) -> None:
+    """Remove the folder `path`, which the caller found empty: a local directory, or the folder entry
+    an object store may keep (SeaweedFS lists an emptied prefix until its `key/` is deleted; S3 has none).
+    Never recursive: a file that arrived in the meantime stays.
+    """
+    if is_local(fs):
+        fs.rmdir(path)
+    elif hasattr(fs, "call_s3"):  # s3fs
+        bucket, _, key = path.partition("/")
+        fs.call_s3("delete_object", Bucket=bucket, Key=f"{key}/")
+        fs.invalidate_cache(path)
+
+
 @contextlib.contextmanager
 def _named_errors(url: str, timeout_s: float) -> Iterator[None]:
     try:

@@ -1,7 +1,7 @@
 """Every path under OUTPUT_DIR, in one place: writers and readers find files through `RunFolder`.
 
     OUTPUT_DIR/
-      config.yaml                  the resolved config (train, at every start)
+      config.yaml                  the resolved config (train, at every start that passed the resume checks)
       metrics.jsonl                one record per logged step (tracking, rank 0), on a local disk
       metrics/part-<n>.jsonl       the same records on an object store, in segments written once (MetricsFile)
       tracking.json                the W&B run id of this output_dir (tracking)
@@ -44,7 +44,8 @@ EVAL_PICTURES = "predictions.png"
 
 log = logging.getLogger(__name__)
 
-_TEMP_NAME = re.compile(rf".+{re.escape(TEMP_MARK)}(\d+)")
+# storage.temp_path: `<file>.tmp-<pid>`, in the folder of the file it becomes.
+_TEMP_NAME = re.compile(rf"(.+){re.escape(TEMP_MARK)}(\d+)")
 _CHECKPOINT_NAME = re.compile(r"step_(\d{8,})")
 _EVAL_NAME = re.compile(r"\d{8,}")
 _METRICS_SEGMENT_NAME = re.compile(r"part-(\d{6,})\.jsonl")
@@ -90,6 +91,18 @@ def names_a_run_file(relative: str) -> bool:
     A temporary file of an unfinished local write (`*.tmp-PID`) is not.
     """
     return TEMP_MARK not in relative and any(re.fullmatch(pattern, relative) for pattern in _KNOWN)
+
+
+# The folders dist_kp writes files into through storage.write_file (glob patterns under OUTPUT_DIR).
+_WRITTEN_FOLDERS = ("", f"{METRICS_SEGMENTS}/", f"{CHECKPOINTS}/*/", f"{EVAL}/*/", f"{REPORT}/", f"{TENSORBOARD}/")
+# Paths named in full in one log line; more are counted.
+SHOWN_PATHS = 5
+
+
+def some_of(paths: list[str]) -> str:
+    """`paths` for one log line: the first few by name, then how many more."""
+    more = len(paths) - SHOWN_PATHS
+    return ", ".join(paths[:SHOWN_PATHS]) + (f" and {more} more" if more > 0 else "")
 
 
 def _process_alive(pid: int) -> bool:
@@ -184,14 +197,18 @@ class RunFolder:
             fs, path = self.storage.url_to_fs(url)
             return fs.cat_file(path)
 
-    def _listed_steps(self, folder: str, parse) -> list[int]:
+    def names(self, folder: str) -> list[str]:
+        """Names of the files and folders in `folder` (a URL), sorted; none when it does not exist."""
         with self.storage.named_errors(folder):
             fs, path = self.storage.url_to_fs(folder)
             fs.invalidate_cache(path)  # another writer (or this process, through another client) changed it
             if not fs.exists(path):
                 return []
-            names = [_base(p) for p in fs.ls(path, detail=False)]
-        return sorted(step for step in map(parse, names) if step is not None)
+            # An object store may list the folder's own entry (`key/`) in it.
+            return sorted(_base(p) for p in fs.ls(path, detail=False) if p.rstrip("/") != path.rstrip("/"))
+
+    def _listed_steps(self, folder: str, parse) -> list[int]:
+        return sorted(step for step in map(parse, self.names(folder)) if step is not None)
 
     def checkpoint_steps(self) -> list[int]:
         """Steps that have a checkpoint folder (complete or not), oldest first."""
@@ -202,20 +219,30 @@ class RunFolder:
         return self._listed_steps(self.join(EVAL), eval_step)
 
     def remove_stale_temporaries(self) -> list[str]:
-        """Delete the temporary files of local writes whose process is gone (killed mid-write); rank 0, at start.
+        """Delete the temporaries of dist_kp's local writes whose process is gone (killed mid-write); rank 0, at start.
 
-        Object stores have none: an unfinished upload is not an object (CheckpointStore aborts those).
+        Only `<a file this module names>.tmp-<pid>` in a folder dist_kp writes, so nothing a user
+        keeps under OUTPUT_DIR is touched. The name does not say which host wrote it: one whose pid
+        runs on this host may still be written and is left (named in a warning). Object stores
+        have none: an unfinished upload is not an object (CheckpointStore aborts those).
         """
         if not is_local_url(self.url):
             return []
         root = Path(local_path(self.url))
-        removed = []
-        for path in root.rglob(f"*{TEMP_MARK}*") if root.is_dir() else []:
-            match = _TEMP_NAME.fullmatch(path.name)
-            if match and path.is_file() and not _process_alive(int(match.group(1))):
+        removed, left = [], []
+        for path in sorted(p for folder in _WRITTEN_FOLDERS for p in root.glob(f"{folder}*{TEMP_MARK}*")):
+            match = _TEMP_NAME.fullmatch(path.relative_to(root).as_posix())
+            if not (match and names_a_run_file(match.group(1)) and path.is_file()):
+                continue
+            if _process_alive(int(match.group(2))):
+                left.append(str(path))
+            else:
                 path.unlink()
                 removed.append(str(path))
         if removed:
             log.info("removed %d temporary files left by a killed write under %s: %s", len(removed), self.url,
-                     ", ".join(removed))
+                     some_of(removed))
+        if left:
+            log.warning("left %d temporary files under %s: their process id runs on this host, so a write may "
+                        "still be going on: %s", len(left), self.url, some_of(left))
         return removed
