@@ -13,10 +13,12 @@ Running the same command again resumes from the newest valid checkpoint in OUTPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from dist_kp.evaluation.evaluator import Evaluator
 from dist_kp.evaluation.results import EvaluationError
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model, unwrap
 from dist_kp.model.precision import grad_scaler
+from dist_kp.storage.lease import RunFolderInUse, RunLease
 from dist_kp.storage.run_folder import RunFolder
 from dist_kp.tracking.tensorboard import start_tensorboard
 from dist_kp.tracking.wandb_run import RunId, start_tracking
@@ -100,19 +103,41 @@ def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
     return hooks + user_hooks(cfg)
 
 
-def open_run_folder(cfg: Config, info: distributed.DistInfo) -> RunFolder:
+def take_lease(folder: RunFolder, info: distributed.DistInfo) -> RunLease | None:
+    """Rank 0 takes the folder's lease (storage.lease); its refusal or storage error is raised on every rank."""
+    lease, error = None, None
+    if info.is_main:
+        try:
+            lease = RunLease.acquire(folder)
+        except (RunFolderInUse, storage.StorageError) as caught:
+            error = caught
+    error = distributed.broadcast_object(error)  # every rank leaves with rank 0's message, none waits
+    if error is not None:
+        raise error
+    return lease
+
+
+@contextlib.contextmanager
+def open_run_folder(cfg: Config, info: distributed.DistInfo) -> Iterator[RunFolder]:
     """The run's folder on the one Storage of this run (passed to every reader and writer from here on).
 
-    Rank 0 removes what killed writers left.
+    Held by this run's lease for the block: rank 0 takes it before writing anything there (another
+    live run's is refused on every rank), then removes what killed writers left (the resolved config is
+    written once the resume checks passed); it releases the lease when the block ends, however it ends.
     """
     folder = RunFolder(cfg.output_dir, storage.Storage.from_config(cfg.storage))
-    if info.is_main:
-        folder.remove_stale_temporaries()
-        log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, folder.url)
-        if "SLURM_JOB_ID" in os.environ:
-            log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
-                     os.environ.get("SLURM_RESTART_COUNT", "0"))
-    return folder
+    lease = take_lease(folder, info)
+    try:
+        if info.is_main:
+            folder.remove_stale_temporaries()
+            log.info("world size %d, device %s, output_dir %s", info.world_size, info.device, folder.url)
+            if "SLURM_JOB_ID" in os.environ:
+                log.info("SLURM job %s, restart count %s", os.environ["SLURM_JOB_ID"],
+                         os.environ.get("SLURM_RESTART_COUNT", "0"))
+        yield folder
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 def build_trainer(cfg: Config, index: KeypointIndex, info: distributed.DistInfo, store: storage.Storage) -> Trainer:
@@ -147,7 +172,15 @@ def run(cfg: Config) -> int:
     check_watched_metrics(cfg)
     preemption = PreemptionHandler(cfg.train.stop_grace_s)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    folder = open_run_folder(cfg, info)
+    with open_run_folder(cfg, info) as folder:
+        try:
+            return train_in(folder, cfg, info, preemption)
+        finally:
+            preemption.uninstall()
+
+
+def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preemption: PreemptionHandler) -> int:
+    """Build everything, resume, train; the exit status of `run`."""
     seed_everything(cfg.train.seed, info.rank)
     index = train_index(cfg, folder.storage)
     evaluation_index = val_index(cfg, folder.storage) if cfg.eval.every_epochs or cfg.eval.at_end else None
@@ -209,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except (ConfigError, LaunchError, BatchSizeError, DataError) as error:
+    except (ConfigError, LaunchError, BatchSizeError, DataError, RunFolderInUse) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 2
     except (storage.StorageError, EvaluationError, CheckpointError, ResumeError, WeightsError) as error:

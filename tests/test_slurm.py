@@ -243,13 +243,18 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(synthetic_root: Path, tmp
     log.wait_for(r"\] step 7 ")
     workers = [p for p in descendants(launcher.pid)
                if "dist_kp.train" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
-    os.kill(workers[-1], signal.SIGKILL)  # one worker dies, as on a failed GPU
+    # Rank 0 dies, as on a failed GPU: it leaves the folder's lease behind, held.
+    rank0 = [p for p in workers if b"RANK=0" in Path(f"/proc/{p}/environ").read_bytes().split(b"\0")]
+    os.kill(rank0[0], signal.SIGKILL)
     text = log.finish(timeout=600)
     assert launcher.returncode == 0, text[-4000:]
     # The newest checkpoint stored when the worker died: step 6, or 9 if it was stored in between.
     resumed = re.search(r"resumed from .*step_(\d+) at step (\d+)", text)
     assert resumed and resumed.group(1).lstrip("0") == resumed.group(2) and int(resumed.group(2)) in (6, 9), text[-4000:]
     assert "training finished at step 12" in text
+    # The restarted workers are the same job: the new rank 0 keeps the folder's lease, nobody is refused.
+    assert re.search(r"lease kept by the same torchrun run \S+ \(was pid \d+ on ", text), text[-4000:]
+    assert "taking over the lease" not in text and "in use by another run" not in text
 
 
 def test_a_crash_on_one_rank_ends_every_rank_quickly(synthetic_root: Path, tmp_path: Path) -> None:

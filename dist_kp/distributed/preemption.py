@@ -63,6 +63,19 @@ class PreemptionHandler:
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
+    def uninstall(self) -> None:
+        """Give the signals their default action back and drop the exit callbacks.
+
+        Installed, the handlers reach the model through `before_exit` (the checkpointer): they would
+        keep DDP, and with it the process group's threads, alive into interpreter shutdown.
+        """
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for sig in self.SIGNALS:
+            if signal.getsignal(sig) == self._handle:
+                signal.signal(sig, signal.SIG_DFL)
+        self.before_exit.clear()
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # A second signal (e.g. SIGTERM after SIGUSR1) must not interrupt the save in progress.
         if self.received is not None:

@@ -1,6 +1,7 @@
 """Every path under OUTPUT_DIR, in one place: writers and readers find files through `RunFolder`.
 
     OUTPUT_DIR/
+      lease.json                   the run that holds the folder: host, pid, job, heartbeat (lease, rank 0)
       config.yaml                  the resolved config (train, at every start that passed the resume checks)
       metrics.jsonl                one record per logged step (tracking, rank 0), on a local disk
       metrics/part-<n>.jsonl       the same records on an object store, in segments written once (MetricsFile)
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from dist_kp.storage import TEMP_MARK, Storage, is_local_url, local_path
 
+LEASE = "lease.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 METRICS_SEGMENTS = "metrics"
@@ -51,7 +53,7 @@ _EVAL_NAME = re.compile(r"\d{8,}")
 _METRICS_SEGMENT_NAME = re.compile(r"part-(\d{6,})\.jsonl")
 # Every relative path the run folder may hold; the regular expressions are anchored.
 _KNOWN = [
-    re.escape(CONFIG), re.escape(METRICS), re.escape(TRACKING), re.escape(MODEL_FINAL), re.escape(MODEL_BEST),
+    re.escape(LEASE), re.escape(CONFIG), re.escape(METRICS), re.escape(TRACKING), re.escape(MODEL_FINAL), re.escape(MODEL_BEST),
     rf"{METRICS_SEGMENTS}/{_METRICS_SEGMENT_NAME.pattern}",
     rf"{CHECKPOINTS}/{_CHECKPOINT_NAME.pattern}/({re.escape(CHECKPOINT_STATE)}|{re.escape(CHECKPOINT_MANIFEST)})",
     rf"{EVAL}/{_EVAL_NAME.pattern}/({'|'.join(map(re.escape, (EVAL_RESULTS, EVAL_METRICS, EVAL_PICTURES)))})",
@@ -105,7 +107,8 @@ def some_of(paths: list[str]) -> str:
     return ", ".join(paths[:SHOWN_PATHS]) + (f" and {more} more" if more > 0 else "")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while a process `pid` exists on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -131,6 +134,10 @@ class RunFolder:
 
     def join(self, *parts: str) -> str:
         return "/".join([self.url, *parts])
+
+    @property
+    def lease(self) -> str:
+        return self.join(LEASE)
 
     @property
     def config(self) -> str:
@@ -234,7 +241,7 @@ class RunFolder:
             match = _TEMP_NAME.fullmatch(path.relative_to(root).as_posix())
             if not (match and names_a_run_file(match.group(1)) and path.is_file()):
                 continue
-            if _process_alive(int(match.group(2))):
+            if process_alive(int(match.group(2))):
                 left.append(str(path))
             else:
                 path.unlink()
