@@ -23,10 +23,14 @@ import torch
 
 from dist_kp import distributed, storage
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
+from dist_kp.config.fingerprint import config_fingerprint
+from dist_kp.data.fingerprint import data_fingerprint
 from dist_kp.data.index import DataError, KeypointIndex
+from dist_kp.data.index_cache import CachedKeypointIndex
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.data.sampler import BatchSizeError
-from dist_kp.distributed import LaunchError
+from dist_kp.distributed import LaunchError, RanksDisagree
+from dist_kp.distributed.agreement import version_fingerprint
 from dist_kp.distributed.preemption import PreemptionHandler
 from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.engine.checkpointer import Checkpointer
@@ -42,7 +46,7 @@ from dist_kp.engine.hooks import (
     has_state,
     user_hooks,
 )
-from dist_kp.engine.run_state import ResumeError, RunState
+from dist_kp.engine.run_state import ResumeError, RunState, versions
 from dist_kp.engine.schedule import apply_optim_config, build_optimizer, build_scheduler
 from dist_kp.engine.trainer import Trainer
 from dist_kp.evaluation.backends import METRIC_NAMES
@@ -100,12 +104,19 @@ def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
     return hooks + user_hooks(cfg)
 
 
-def open_run_folder(cfg: Config, info: distributed.DistInfo) -> RunFolder:
+def check_ranks_agree(cfg: Config, train: CachedKeypointIndex, val: CachedKeypointIndex | None) -> None:
+    """Every rank has the same config, data and versions, or every rank stops here naming what differs."""
+    distributed.check_ranks_agree({**config_fingerprint(cfg),
+                                   **data_fingerprint(train, cfg.data.min_visible_keypoints, val),
+                                   **version_fingerprint(versions())})
+
+
+def open_run_folder(cfg: Config, info: distributed.DistInfo, store: storage.Storage) -> RunFolder:
     """The run's folder on the one Storage of this run (passed to every reader and writer from here on).
 
     Rank 0 removes what killed writers left and writes the resolved config.
     """
-    folder = RunFolder(cfg.output_dir, storage.Storage.from_config(cfg.storage))
+    folder = RunFolder(cfg.output_dir, store)
     if info.is_main:
         folder.remove_stale_temporaries()
         folder.write(folder.config, config_to_yaml(cfg).encode())
@@ -130,9 +141,11 @@ def build_trainer(cfg: Config, index: KeypointIndex, info: distributed.DistInfo,
                    sampler, info.device, cfg.optim.clip_grad_norm)
 
 
-def run_state(cfg: Config, trainer: Trainer, run_id: RunId, hooks: list[Hook]) -> RunState:
-    """What every checkpoint holds: the trainer's parts, the W&B run id, and the state of the hooks that have one."""
-    state = RunState(cfg)
+def run_state(cfg: Config, index: CachedKeypointIndex, trainer: Trainer, run_id: RunId,
+              hooks: list[Hook]) -> RunState:
+    """What every checkpoint holds: the trainer's parts, the W&B run id, the state of the hooks that have one,
+    and the training data's fingerprint (a moved dataset resumes, a changed one is refused)."""
+    state = RunState(cfg, data_fingerprint(index, cfg.data.min_visible_keypoints))
     for name, part in (("model", unwrap(trainer.model)), ("optimizer", trainer.optimizer),
                        ("scheduler", trainer.scheduler), ("scaler", trainer.scaler), ("progress", trainer.progress),
                        ("tracking", run_id)):
@@ -148,10 +161,13 @@ def run(cfg: Config) -> int:
     check_watched_metrics(cfg)
     preemption = PreemptionHandler(cfg.train.stop_grace_s)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    folder = open_run_folder(cfg, info)
+    store = storage.Storage.from_config(cfg.storage)
+    index = train_index(cfg, store)
+    evaluation_index = val_index(cfg, store) if cfg.eval.every_epochs or cfg.eval.at_end else None
+    # Before anything is written or built: another batch size or model on one rank fails late, or hangs.
+    check_ranks_agree(cfg, index, evaluation_index)
+    folder = open_run_folder(cfg, info, store)
     seed_everything(cfg.train.seed, info.rank)
-    index = train_index(cfg, folder.storage)
-    evaluation_index = val_index(cfg, folder.storage) if cfg.eval.every_epochs or cfg.eval.at_end else None
     # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
     evaluation = ([EvaluationHook(cfg.eval, Evaluator(cfg, evaluation_index, folder, info.device))]
                   if evaluation_index is not None else [])
@@ -159,7 +175,7 @@ def run(cfg: Config) -> int:
     meta = index.meta.to_dict()
     own_hooks = build_hooks(cfg, folder, meta)
     run_id = RunId()
-    checkpointer = Checkpointer(run_state(cfg, trainer, run_id, [*evaluation, *own_hooks]),
+    checkpointer = Checkpointer(run_state(cfg, index, trainer, run_id, [*evaluation, *own_hooks]),
                                 CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
     resumed = checkpointer.load()
     if resumed:
@@ -197,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except (ConfigError, LaunchError, BatchSizeError, DataError) as error:
+    except (ConfigError, LaunchError, RanksDisagree, BatchSizeError, DataError) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 2
     except (storage.StorageError, EvaluationError, CheckpointError, ResumeError, WeightsError) as error:
