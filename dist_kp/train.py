@@ -25,10 +25,14 @@ import torch
 
 from dist_kp import distributed, storage
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
+from dist_kp.config.fingerprint import config_fingerprint
+from dist_kp.data.fingerprint import data_fingerprint
 from dist_kp.data.index import DataError, KeypointIndex
+from dist_kp.data.index_cache import CachedKeypointIndex
 from dist_kp.data.loaders import build_train_loader, train_index, val_index
 from dist_kp.data.sampler import BatchSizeError
-from dist_kp.distributed import LaunchError
+from dist_kp.distributed import LaunchError, RanksDisagree
+from dist_kp.distributed.agreement import version_fingerprint
 from dist_kp.distributed.preemption import PreemptionHandler
 from dist_kp.engine.checkpoint import CheckpointError, CheckpointStore
 from dist_kp.engine.checkpointer import Checkpointer
@@ -44,7 +48,7 @@ from dist_kp.engine.hooks import (
     has_state,
     user_hooks,
 )
-from dist_kp.engine.run_state import ResumeError, RunState
+from dist_kp.engine.run_state import ResumeError, RunState, versions
 from dist_kp.engine.schedule import apply_optim_config, build_optimizer, build_scheduler
 from dist_kp.engine.trainer import Trainer
 from dist_kp.evaluation.backends import METRIC_NAMES
@@ -103,6 +107,13 @@ def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
     return hooks + user_hooks(cfg)
 
 
+def check_ranks_agree(cfg: Config, train: CachedKeypointIndex, val: CachedKeypointIndex | None) -> None:
+    """Every rank has the same config, data and versions, or every rank stops here naming what differs."""
+    distributed.check_ranks_agree({**config_fingerprint(cfg),
+                                   **data_fingerprint(train, cfg.data.min_visible_keypoints, val),
+                                   **version_fingerprint(versions())})
+
+
 def take_lease(folder: RunFolder, info: distributed.DistInfo) -> RunLease | None:
     """Rank 0 takes the folder's lease (storage.lease); its refusal or storage error is raised on every rank."""
     lease, error = None, None
@@ -118,14 +129,14 @@ def take_lease(folder: RunFolder, info: distributed.DistInfo) -> RunLease | None
 
 
 @contextlib.contextmanager
-def open_run_folder(cfg: Config, info: distributed.DistInfo) -> Iterator[RunFolder]:
+def open_run_folder(cfg: Config, info: distributed.DistInfo, store: storage.Storage) -> Iterator[RunFolder]:
     """The run's folder on the one Storage of this run (passed to every reader and writer from here on).
 
     Held by this run's lease for the block: rank 0 takes it before writing anything there (another
     live run's is refused on every rank), then removes what killed writers left (the resolved config is
     written once the resume checks passed); it releases the lease when the block ends, however it ends.
     """
-    folder = RunFolder(cfg.output_dir, storage.Storage.from_config(cfg.storage))
+    folder = RunFolder(cfg.output_dir, store)
     lease = take_lease(folder, info)
     try:
         if info.is_main:
@@ -154,9 +165,11 @@ def build_trainer(cfg: Config, index: KeypointIndex, info: distributed.DistInfo,
                    sampler, info.device, cfg.optim.clip_grad_norm)
 
 
-def run_state(cfg: Config, trainer: Trainer, run_id: RunId, hooks: list[Hook]) -> RunState:
-    """What every checkpoint holds: the trainer's parts, the W&B run id, and the state of the hooks that have one."""
-    state = RunState(cfg)
+def run_state(cfg: Config, index: CachedKeypointIndex, trainer: Trainer, run_id: RunId,
+              hooks: list[Hook]) -> RunState:
+    """What every checkpoint holds: the trainer's parts, the W&B run id, the state of the hooks that have one,
+    and the training data's fingerprint (a moved dataset resumes, a changed one is refused)."""
+    state = RunState(cfg, data_fingerprint(index, cfg.data.min_visible_keypoints))
     for name, part in (("model", unwrap(trainer.model)), ("optimizer", trainer.optimizer),
                        ("scheduler", trainer.scheduler), ("scaler", trainer.scaler), ("progress", trainer.progress),
                        ("tracking", run_id)):
@@ -172,18 +185,22 @@ def run(cfg: Config) -> int:
     check_watched_metrics(cfg)
     preemption = PreemptionHandler(cfg.train.stop_grace_s)
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    with open_run_folder(cfg, info) as folder:
+    store = storage.Storage.from_config(cfg.storage)
+    index = train_index(cfg, store)
+    evaluation_index = val_index(cfg, store) if cfg.eval.every_epochs or cfg.eval.at_end else None
+    # Before anything is written or built: another batch size or model on one rank fails late, or hangs.
+    check_ranks_agree(cfg, index, evaluation_index)
+    with open_run_folder(cfg, info, store) as folder:
         try:
-            return train_in(folder, cfg, info, preemption)
+            return train_in(folder, cfg, info, preemption, index, evaluation_index)
         finally:
             preemption.uninstall()
 
 
-def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preemption: PreemptionHandler) -> int:
+def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preemption: PreemptionHandler,
+             index: CachedKeypointIndex, evaluation_index: CachedKeypointIndex | None) -> int:
     """Build everything, resume, train; the exit status of `run`."""
     seed_everything(cfg.train.seed, info.rank)
-    index = train_index(cfg, folder.storage)
-    evaluation_index = val_index(cfg, folder.storage) if cfg.eval.every_epochs or cfg.eval.at_end else None
     # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
     evaluation = ([EvaluationHook(cfg.eval, Evaluator(cfg, evaluation_index, folder, info.device))]
                   if evaluation_index is not None else [])
@@ -191,7 +208,7 @@ def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preempt
     meta = index.meta.to_dict()
     own_hooks = build_hooks(cfg, folder, meta)
     run_id = RunId()
-    checkpointer = Checkpointer(run_state(cfg, trainer, run_id, [*evaluation, *own_hooks]),
+    checkpointer = Checkpointer(run_state(cfg, index, trainer, run_id, [*evaluation, *own_hooks]),
                                 CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
     resumed = checkpointer.load()
     if resumed and trainer.past_end:
@@ -242,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
-    except (ConfigError, LaunchError, BatchSizeError, DataError, RunFolderInUse) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 2
     except (storage.StorageError, EvaluationError, CheckpointError, ResumeError, WeightsError) as error:

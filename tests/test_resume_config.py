@@ -11,6 +11,7 @@ import pytest
 from dist_kp.config import load_config
 from dist_kp.engine.schedule import lr_factor
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
+from tests.test_agreement import TRAIN_JSON, changed_copy
 from tests.test_hostile_runs import store_of
 
 STEPS_PER_EPOCH = 6  # 48 training images, 2 processes x 4 images
@@ -76,4 +77,30 @@ def test_a_run_resumed_with_max_steps_below_its_checkpoint_changes_nothing_and_s
     assert "training finished" not in result.stderr
     after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
-    assert changed == set(), changed  # model_final.pt, checkpoints, metrics, config.yaml untouched
+    # model_final.pt, checkpoints, metrics, config.yaml untouched; the lease taken and released
+    assert changed <= {Path("lease.json")}, changed
+
+
+def test_a_dataset_moved_to_another_root_resumes_when_its_content_is_the_same(three_steps: Path,
+                                                                              synthetic_root: Path,
+                                                                              tmp_path: Path) -> None:
+    out = copy_of(three_steps, tmp_path)
+    moved = shutil.copytree(synthetic_root, tmp_path / "moved")
+    result = check(run_module("dist_kp.train", train_args(moved, out, "train.max_steps=5")))
+    assert f"data.root {str(synthetic_root)!r} -> {str(moved)!r}, applied from step 3 on" in result.stderr
+    store = store_of(out)
+    assert store.steps()[-1] == 5
+    assert store.latest()[1]["config"]["data"]["root"] == str(moved)
+
+
+def test_a_moved_dataset_with_other_content_at_resume_is_refused_saying_the_content_differs(
+        three_steps: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = copy_of(three_steps, tmp_path)
+    changed = changed_copy(synthetic_root, tmp_path / "changed")
+    result = run_module("dist_kp.train", train_args(changed, out, "train.max_steps=5"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert f"data.root ({str(synthetic_root)!r} in the checkpoint, {str(changed)!r} now): the content differs " \
+           f"(data.train_annotations content sha256" in result.stderr
+    assert f"({changed}/{TRAIN_JSON}) now" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert store_of(out).steps()[-1] == 3  # nothing trained

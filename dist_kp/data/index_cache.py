@@ -60,6 +60,7 @@ class CachedKeypointIndex(KeypointIndex):
     """A KeypointIndex memory-mapped from a cache entry (read-only arrays shared by the node's processes)."""
 
     cache_path: str = ""  # the cache entry the arrays are mapped from
+    sha256: str = ""  # of the annotation file's content
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # Workers started by spawn/forkserver map the same files instead of receiving copies.
@@ -178,6 +179,7 @@ def open_entry(path: str | Path, source: str, trainable: tuple[int, ...] = ()) -
         trainable=positions,
         precomputed_aspect_ratios=arrays["aspect_ratios"],
         cache_path=str(entry),
+        sha256=manifest["sha256"],
     )
 
 

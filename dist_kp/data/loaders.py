@@ -7,7 +7,7 @@ import torch
 from dist_kp.config import Config
 from dist_kp.data.coco import KeypointDataset, collate, training_filter
 from dist_kp.data.index import KeypointIndex
-from dist_kp.data.index_cache import cached_index
+from dist_kp.data.index_cache import CachedKeypointIndex, cached_index
 from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
 from dist_kp.storage import Storage
 
@@ -29,13 +29,13 @@ def _loader_options(cfg: Config, device: torch.device) -> dict:
     return options
 
 
-def train_index(cfg: Config, storage: Storage) -> KeypointIndex:
+def train_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
     """The training index from the node's cache, with the positions that pass data.min_visible_keypoints."""
     return cached_index(join(cfg.data.root, cfg.data.train_annotations), storage, cfg.data.cache_dir,
                         cfg.data.min_visible_keypoints)
 
 
-def val_index(cfg: Config, storage: Storage) -> KeypointIndex:
+def val_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
     """The validation index from the node's cache (every image kept)."""
     return cached_index(join(cfg.data.root, cfg.data.val_annotations), storage, cfg.data.cache_dir)
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_kp.distributed.agreement import Fact, RanksDisagree, check_agreement
 from dist_kp.distributed.diagnostics import (
     LostPeerFilter,
     RankFilter,
@@ -49,8 +50,8 @@ from dist_kp.distributed.launch import (
 )
 
 __all__ = [  # the re-exported names: `distributed.X` reads as one namespace
-    "LAUNCHER_VARIABLES", "DistInfo", "LaunchError", "LostPeerFilter", "RankFilter", "cuda_device_index",
-    "env_from_slurm", "launcher_ranks", "lost_peer", "master_port", "pick_device", "setup_logging",
+    "LAUNCHER_VARIABLES", "DistInfo", "LaunchError", "LostPeerFilter", "RankFilter", "RanksDisagree",
+    "cuda_device_index", "env_from_slurm", "launcher_ranks", "lost_peer", "master_port", "pick_device", "setup_logging",
 ]
 
 log = logging.getLogger(__name__)
@@ -257,6 +258,15 @@ def check_replicas_identical(model: torch.nn.Module) -> str:
         raise RuntimeError(f"model replicas differ across ranks: {fingerprints}")
     log.info("model replicas identical on %d ranks (sha256 %s)", len(fingerprints), fingerprints[0][:16])
     return fingerprints[0]
+
+
+def check_ranks_agree(fingerprint: dict[str, Fact]) -> None:
+    """Compare every rank's fingerprint (see distributed.agreement) in one collective.
+
+    Raises RanksDisagree on every rank alike, naming the keys that differ and the ranks, before a
+    differing batch size or model can end in a collective mismatch or diverging replicas.
+    """
+    check_agreement(all_gather_objects(fingerprint))
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

@@ -1,6 +1,6 @@
 """What a checkpoint holds, in one registry (dist_kp.engine.checkpointer saves and resumes it).
 
-    state = RunState(cfg)
+    state = RunState(cfg, data)               # data: dist_kp.data.fingerprint.data_fingerprint(...)
     state.register("model", model)            # anything with state_dict() / load_state_dict()
     state.register("optimizer", optimizer)
     state.register_hook(hook)                 # a hook's state (may be missing from a checkpoint)
@@ -8,7 +8,9 @@
     state.restore(snapshot, url)              # config changes checked; each rank its own RNG states
 
 Besides the registered parts a snapshot holds every rank's random states (restored when the
-world size is unchanged), the world size that wrote it, the resolved config and the versions.
+world size is unchanged), the world size that wrote it, the resolved config, the training
+data's fingerprint and the versions. A moved dataset (data.root or data.train_annotations
+changed) resumes when that fingerprint is unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torchvision
 
 from dist_kp import distributed
 from dist_kp.config import Config
+from dist_kp.config.fingerprint import flatten
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ IDENTITY_KEYS = ("model.", "train.seed", "train.batch_size", "data.root", "data.
                  "data.train_images", "data.min_visible_keypoints", "data.aspect_ratio_group_factor")
 # Where the model's starting weights came from no longer matters once a checkpoint holds them.
 NOT_IDENTITY = ("model.weights", "model.backbone_weights", "model.weights_strict", "model.weights_any_architecture")
+# Where the training set lies: it may change (a dataset moved) when the data fingerprint does not.
+DATA_LOCATION_KEYS = ("data.root", "data.train_annotations")
 
 
 class ResumeError(RuntimeError):
@@ -98,19 +103,9 @@ def versions() -> dict[str, str]:
             "git_commit": _git_commit()}
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose value differs between two config dumps: {key: (saved, current)}."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
@@ -119,17 +114,24 @@ def identity_changes(changes: dict[str, tuple[Any, Any]]) -> list[str]:
     return [k for k in changes if k.startswith(IDENTITY_KEYS) and not k.startswith(NOT_IDENTITY)]
 
 
+def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Each data fingerprint entry (key: (digest, shown)) that differs, as 'key X in the checkpoint, Y now'."""
+    return [f"{key} {saved[key][1] if key in saved else 'unrecorded'} in the checkpoint, {shown} now"
+            for key, (digest, shown) in current.items() if key not in saved or saved[key][0] != digest]
+
+
 class RunState:
     """The registry of what a checkpoint holds: capture() makes a snapshot, restore() loads one."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, data: dict[str, tuple[str, str]]) -> None:
         self.config = config
+        self.data = data
         self.parts: dict[str, Stateful] = {}
         self.optional: set[str] = set()  # parts a checkpoint may lack (hooks)
         self.versions = versions()
 
     def register(self, name: str, part: Stateful) -> None:
-        if name in self.parts or name in ("rng", "world_size", "config", "versions", "epoch_end"):
+        if name in self.parts or name in ("rng", "world_size", "config", "data", "versions", "epoch_end"):
             raise ValueError(f"run state part {name!r} is registered twice")
         self.parts[name] = part
 
@@ -159,6 +161,7 @@ class RunState:
             "rng": rng,
             "world_size": distributed.get_world_size(),
             "config": self.config.model_dump(mode="json"),
+            "data": self.data,
             "versions": self.versions,
         })
 
@@ -166,11 +169,18 @@ class RunState:
         """Log every config key changed since the checkpoint; refuse the ones that make it another run."""
         changes = config_changes(state.get("config", {}), self.config.model_dump(mode="json"))
         refused = identity_changes(changes)
+        content = data_changes(state.get("data", {}), self.data)
+        if not content:  # the same training data, moved
+            refused = [k for k in refused if k not in DATA_LOCATION_KEYS]
         if refused:
             listed = ", ".join(f"{k} ({changes[k][0]!r} in the checkpoint, {changes[k][1]!r} now)" for k in refused)
+            moved = [k for k in refused if k in DATA_LOCATION_KEYS]
+            why = "" if not moved else (f": the content differs ({'; '.join(content)})" if "data" in state
+                                        else ": the checkpoint records no data fingerprint to compare")
             raise ResumeError(
-                f"{source} was written by a run with another {listed}; resume it with the config it was written "
-                "with, or start a new run (another output_dir, or checkpoint.resume=none with checkpoint.overwrite=true)"
+                f"{source} was written by a run with another {listed}{why}; resume it with the config it was "
+                "written with, or start a new run (another output_dir, or checkpoint.resume=none with "
+                "checkpoint.overwrite=true)"
             )
         missing = [name for name in self.parts if name not in state and name not in self.optional]
         if missing:
