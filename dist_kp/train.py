@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(cfg)
+    except (ConfigError, LaunchError, RanksDisagree, BatchSizeError, DataError, RunFolderInUse) as error:
         log.error("rank %d: %s", distributed.get_rank(), error)
         return 2
     except (storage.StorageError, EvaluationError, CheckpointError, ResumeError, WeightsError) as error:
