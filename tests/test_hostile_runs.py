@@ -256,7 +256,7 @@ def test_after_the_grace_a_save_in_flight_completes_before_the_process_ends(monk
     save_done, ended = threading.Event(), threading.Event()
     order: list[str] = []
 
-    def exit_process(status: int) -> None:  # the process itself must go on for the test: record instead
+    def exit_process(status: int) -> None:  # this process (pytest's) must go on: record instead
         order.append(f"exit {status}")
         ended.set()
 
@@ -265,7 +265,7 @@ def test_after_the_grace_a_save_in_flight_completes_before_the_process_ends(monk
         save_done.wait(30)
         order.append("save stored")
 
-    monkeypatch.setattr("dist_kp.distributed.preemption.os._exit", exit_process)
+    monkeypatch.setattr("dist_kp.distributed.preemption.end_process", exit_process)
     handler = PreemptionHandler(grace_s=0.05)
     handler.before_exit.append(finish_save)
     handler._handle(signal.SIGTERM, None)  # the grace starts

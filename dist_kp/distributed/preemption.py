@@ -35,6 +35,12 @@ def job_requeued() -> bool:
     return _job_requeued
 
 
+def end_process(status: int) -> None:
+    """End now, from any thread, whatever the main thread is stuck in: the log flushed, nothing else run."""
+    logging.shutdown()
+    os._exit(status)
+
+
 def stalled_message(rank: int, signum: int, grace_s: float) -> str:
     return (f"rank {rank}: {signal.Signals(signum).name} received, but the current step did not end within "
             f"{grace_s:g} s (train.stop_grace_s); exiting without a checkpoint (the run resumes from the previous one)")
@@ -92,8 +98,7 @@ class PreemptionHandler:
                 finish()
             except Exception as error:  # noqa: BLE001 - the process ends either way; say why the finish failed
                 log.error("rank %d: before exiting: %s", distributed.get_rank(), error)
-        logging.shutdown()
-        os._exit(EXIT_PREEMPTED)
+        end_process(EXIT_PREEMPTED)
 
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank received a signal (the step boundary is reached)."""
