@@ -93,9 +93,14 @@ def test_a_five_keypoint_run_loads_every_tensor_of_a_seventeen_keypoint_model_bu
 
 def test_weights_of_another_architecture_are_refused_not_half_loaded(coco_weights: Path) -> None:
     cfg = load_config(TINY_CONFIG, [f"model.weights={coco_weights}", "model.backbone=mobilenet_v3_large"]).model
+    # The file's own model config says it at once ...
+    with pytest.raises(WeightsError, match=r"were written for another architecture \(model.backbone: file "
+                                           r"'resnet18', this run 'mobilenet_v3_large'\)"):
+        build_model(cfg, num_keypoints=5)
+    # ... and opting in to another architecture still never half-loads a model.
     with pytest.raises(WeightsError, match=r"are not weights of this model: only \d+ of \d+ tensors \(\d+% of the "
                                            r"values\) match by name and shape"):
-        build_model(cfg, num_keypoints=5)
+        build_model(cfg.model_copy(update={"weights_any_architecture": True}), num_keypoints=5)
 
 
 def test_strict_weights_refuse_another_skeleton(coco_weights: Path) -> None:
