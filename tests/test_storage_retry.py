@@ -20,7 +20,7 @@ from dist_kp.storage import Storage, StorageError
 from dist_kp.storage.run_folder import RunFolder
 from tests.conftest import environment
 from tests.fault_proxy import INTERNAL_ERROR, RESET, SLOW_DOWN, FaultProxy
-from tests.s3_server import SECRET_KEY
+from tests.s3_server import SECRET_KEY, VOLUME_SLOTS
 
 # A restart or an overload as clients see it: the next requests fail, then the server answers again.
 OUTAGE = (SLOW_DOWN, INTERNAL_ERROR, RESET, SLOW_DOWN, INTERNAL_ERROR)
@@ -103,3 +103,12 @@ def test_a_missing_object_is_not_retried(s3_server, through_proxy: FaultProxy,
     with caplog.at_level(logging.WARNING, "dist_kp.storage"), pytest.raises(StorageError, match="not found"):
         folder.read_bytes(folder.join("missing.json"))
     assert "transient error" not in caplog.text
+
+
+def test_the_test_server_has_a_volume_for_every_bucket_whatever_the_free_disk(s3_server) -> None:
+    # Each bucket takes a volume slot for good; the suite creates about a hundred. With slots
+    # following the free disk (the server's default), a CI machine ran out part-way and every
+    # later S3 test failed with 500 InternalError.
+    slots, free = s3_server.volume_slots()
+    assert slots == VOLUME_SLOTS
+    assert free >= VOLUME_SLOTS // 2, f"only {free} of {slots} volume slots left"
