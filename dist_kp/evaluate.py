@@ -50,7 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="detection area for kp/APm, kp/APl: the keypoints' extent (COCO's protocol, default) or "
                        "the box (detectron2's); with --config use eval.keypoint_area=...")
     parser.add_argument("--backend", choices=BACKENDS, help="evaluation backend (default: the config's, or faster_coco_eval)")
-    parser.add_argument("--sigmas", type=float, nargs="+", help="OKS sigma per keypoint (default: COCO's 17)")
+    parser.add_argument("--sigmas", type=float, nargs="+",
+                        help="OKS sigma per keypoint, the true sigma (COCO nose 0.026, not pycocotools' x10 source "
+                        "form .26); default: COCO's 17")
     parser.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
     args = parser.parse_args(argv)
     if bool(args.config) == bool(args.results):

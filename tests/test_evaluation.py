@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
+from dist_kp.config import ConfigError, load_config
 from dist_kp.data.index import index_from_coco, load_index
 from dist_kp.storage import Storage
 from dist_kp.evaluation.backends import STAT_NAMES, backend_for, detection_sets, metrics_dict
@@ -174,16 +175,54 @@ def test_custom_five_keypoint_skeleton_evaluates_with_five_sigmas() -> None:
                 "keypoints": [v + (1 if k % 3 < 2 else 0) for k, v in enumerate(a["keypoints"])]}
                for a in data["annotations"]]
     gt = ground_truth(index_from_coco(data, "five.json"))
-    metrics = evaluate_results(gt, results, "faster_coco_eval", [0.5, 0.6, 0.6, 0.8, 0.8]).metrics
+    metrics = evaluate_results(gt, results, "faster_coco_eval", [0.05, 0.06, 0.06, 0.08, 0.08]).metrics
     assert metrics["kp/AP"] > 0.5
 
 
 def test_sigmas_that_do_not_match_the_keypoints_are_refused() -> None:
     gt = ground_truth(index_from_coco(five_keypoint_dataset(), "five.json"))
     with pytest.raises(EvaluationError, match="4 OKS sigmas but the dataset has 5 keypoints"):
-        evaluate_results(gt, [], "pycocotools", [0.5, 0.6, 0.6, 0.8])
+        evaluate_results(gt, [], "pycocotools", [0.05, 0.06, 0.06, 0.08])
     with pytest.raises(EvaluationError, match="COCO's default has 17 OKS sigmas but the dataset has 5"):
         evaluate_results(gt, [], "pycocotools", None)
+
+
+# COCO's sigmas as the COCO paper, mmpose and pycocotools' params.kpt_oks_sigmas give them ...
+COCO_TRUE_SIGMAS = [0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107,
+                    0.087, 0.087, 0.089, 0.089]
+# ... and as pycocotools' source writes them (x10, divided by 10 in its Params).
+COCO_SOURCE_FORM = [.26, .25, .25, .35, .35, .79, .79, .72, .72, .62, .62, 1.07, 1.07, .87, .87, .89, .89]
+
+
+def test_the_default_sigmas_are_pycocotools_own_to_the_last_bit() -> None:
+    assert np.array_equal(check_sigmas(None, 17), Params(iouType="keypoints").kpt_oks_sigmas)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_coco_sigmas_given_as_true_sigmas_give_the_stats_of_the_default(synthetic_root: Path, backend: str) -> None:
+    gt = ground_truth(load_index(str(val_json(synthetic_root)), Storage()))
+    results = noisy_predictions(gt)
+    default = evaluate_results(gt, results, backend, None).metrics
+    typed = evaluate_results(gt, results, backend, COCO_TRUE_SIGMAS).metrics
+    assert 0.2 < default["kp/AP"] < 1
+    assert typed == default
+
+
+def test_sigmas_ten_times_too_large_are_refused_naming_the_convention(synthetic_root: Path) -> None:
+    gt = ground_truth(load_index(str(val_json(synthetic_root)), Storage()))
+    results = noisy_predictions(gt)
+    convention = "OKS sigmas are the true sigma of each keypoint, e.g. COCO nose 0.026"
+    mistake = "values look 10x too large (pycocotools' source form .26 = 0.026): divide them by 10"
+    with pytest.raises(EvaluationError) as refused:  # evaluate --results ... --sigmas .26 ...
+        evaluate_results(gt, results, "pycocotools", COCO_SOURCE_FORM)
+    assert convention in str(refused.value) and mistake in str(refused.value)
+    with pytest.raises(ConfigError) as refused_config:  # eval.sigmas in a config (also evaluate --config --sigmas)
+        load_config(TINY_CONFIG, [f"eval.sigmas={COCO_SOURCE_FORM}"])
+    assert "eval.sigmas: Value error, " + convention in str(refused_config.value)
+    assert mistake in str(refused_config.value)
+    with pytest.raises(ConfigError, match="each must be positive"):
+        load_config(TINY_CONFIG, ["eval.sigmas=[0.026, 0.0]"])
+    assert load_config(TINY_CONFIG, [f"eval.sigmas={COCO_TRUE_SIGMAS}"]).eval.sigmas == COCO_TRUE_SIGMAS
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dist_kp.model.keypoint_rcnn import WeightsError, build_model
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
 
 FIVE_KEYPOINTS = ["nose", "left_shoulder", "right_shoulder", "left_hip", "right_hip"]
-FIVE_SIGMAS = "eval.sigmas=[0.26,0.79,0.79,1.07,1.07]"
+FIVE_SIGMAS = "eval.sigmas=[0.026,0.079,0.079,0.107,0.107]"
 KEYPOINT_PREDICTOR = {"roi_heads.keypoint_predictor.kps_score_lowres.weight",
                       "roi_heads.keypoint_predictor.kps_score_lowres.bias"}
 QUICK = ("train.workers=0", "eval.every_epochs=0")

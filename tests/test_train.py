@@ -63,7 +63,8 @@ def test_oks_sigmas_of_the_wrong_length_stop_the_run_before_the_first_step(tmp_p
                                                                             synthetic_root: Path) -> None:
     out = tmp_path / "sigmas"
     args = ["--config", str(TINY_CONFIG),
-            *tiny_overrides(synthetic_root, out, "eval.sigmas=[0.5,0.5,0.5,0.5]", "train.max_steps=4", "train.workers=0")]
+            *tiny_overrides(synthetic_root, out, "eval.sigmas=[0.05,0.05,0.05,0.05]", "train.max_steps=4",
+                            "train.workers=0")]
     result = run_module("dist_kp.train", args)
     assert result.returncode == 1
     assert "eval.sigmas has 4 OKS sigmas but the dataset has 17 keypoints" in result.stderr

@@ -34,12 +34,29 @@ from dist_kp.config.errors import ConfigError
 from dist_kp.config.packaged import resolve_config
 from dist_kp.config.secrets import public_storage_options, redact, redact_text, redact_url, secret_key_paths
 
-COCO_KEYPOINT_SIGMAS = [
+# OKS sigmas are the true per-keypoint sigma (nose 0.026 ... ankles 0.089), as pycocotools'
+# params.kpt_oks_sigmas and mmpose hold them. Their source writes them x10 and divides by 10:
+# so do we, for the very same doubles (0.26 / 10 is not the double nearest 0.026).
+COCO_KEYPOINT_SIGMAS = [s / 10.0 for s in (
     0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72,
     0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89,
-]
+)]
+# COCO's largest is 0.107 (hips), custom skeletons reach ~0.15; the x10 source form starts at .25.
+MAX_OKS_SIGMA = 0.2
 
 log = logging.getLogger(__name__)
+
+
+def oks_sigma_problem(sigmas: list[float]) -> str | None:
+    """Why these OKS sigmas cannot be true sigmas (each in (0, MAX_OKS_SIGMA]), naming the x10 mistake; else None."""
+    convention = f"OKS sigmas are the true sigma of each keypoint, e.g. COCO nose 0.026, in (0, {MAX_OKS_SIGMA}]"
+    if not all(s > 0 for s in sigmas):  # also NaN
+        return f"{convention}; got {sigmas}: each must be positive"
+    if any(s > MAX_OKS_SIGMA for s in sigmas):
+        return (f"{convention}; got {sigmas}: values look 10x too large (pycocotools' source form .26 = 0.026): "
+                "divide them by 10")
+    return None
+
 
 # Where each section's credentials come from instead (the config refuses them).
 CREDENTIAL_SOURCES = {
@@ -240,8 +257,20 @@ class EvalConfig(Section):
         "keypoints", description="Detection area for kp/APm, kp/APl: keypoints' extent (COCO protocol) or box."
     )
     max_images: int | None = Field(None, ge=1, description="Evaluate only the first N validation images.")
-    sigmas: list[float] | None = Field(None, description="OKS sigma per keypoint; COCO's 17 when null.")
+    sigmas: list[float] | None = Field(
+        None, description="OKS sigma per keypoint, in the dataset's keypoint order: the true sigma (COCO's nose "
+        "0.026, ankles 0.089), each in (0, 0.2]; pycocotools' source form (.26 = 0.026, 10x) is refused. null: "
+        "COCO's 17."
+    )
     num_visualize: int = Field(4, ge=0, description="Validation images drawn with predictions per evaluation.")
+
+    @field_validator("sigmas")
+    @classmethod
+    def _sigmas_are_true_sigmas(cls, sigmas: list[float] | None) -> list[float] | None:
+        problem = None if sigmas is None else oks_sigma_problem(sigmas)
+        if problem:
+            raise ValueError(problem)
+        return sigmas
 
 
 class CheckpointConfig(Section):

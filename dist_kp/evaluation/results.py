@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dist_kp.config import COCO_KEYPOINT_SIGMAS
+from dist_kp.config import COCO_KEYPOINT_SIGMAS, oks_sigma_problem
 from dist_kp.data.index import KeypointIndex
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,11 @@ class EvaluationError(ValueError):
 
 
 def check_sigmas(sigmas: list[float] | None, num_keypoints: int) -> np.ndarray:
-    """OKS sigmas as pycocotools stores them (divided by 10); COCO's 17 when None."""
+    """The true OKS sigmas (pycocotools' params.kpt_oks_sigmas): the given ones, COCO's 17 when None.
+
+    Refused: another count than the skeleton's keypoints, and values outside (0, MAX_OKS_SIGMA]
+    (the message names pycocotools' x10 source form, .26 for 0.026).
+    """
     chosen = COCO_KEYPOINT_SIGMAS if sigmas is None else list(sigmas)
     if len(chosen) != num_keypoints:
         source = "COCO's default" if sigmas is None else "eval.sigmas"
@@ -33,9 +37,10 @@ def check_sigmas(sigmas: list[float] | None, num_keypoints: int) -> np.ndarray:
             f"{source} has {len(chosen)} OKS sigmas but the dataset has {num_keypoints} keypoints; "
             f"set eval.sigmas (or --sigmas) to {num_keypoints} values, one per keypoint"
         )
-    if any(s <= 0 for s in chosen):
-        raise EvaluationError(f"OKS sigmas must be positive, got {chosen}")
-    return np.asarray(chosen, np.float64) / 10.0
+    problem = oks_sigma_problem(chosen)
+    if problem:
+        raise EvaluationError(f"eval.sigmas (or --sigmas): {problem}")
+    return np.asarray(chosen, np.float64)
 
 
 def ground_truth(index: KeypointIndex, positions: np.ndarray | None = None) -> dict[str, Any]:
