@@ -29,7 +29,7 @@ from dist_kp.config.fingerprint import config_fingerprint
 from dist_kp.data.fingerprint import data_fingerprint
 from dist_kp.data.index import DataError, KeypointIndex
 from dist_kp.data.index_cache import CachedKeypointIndex
-from dist_kp.data.loaders import build_train_loader, train_index, val_index
+from dist_kp.data.loaders import build_train_loader, train_index, val_index, with_skeleton_defaults
 from dist_kp.data.sampler import BatchSizeError
 from dist_kp.distributed import LaunchError, RanksDisagree
 from dist_kp.distributed.agreement import version_fingerprint
@@ -169,7 +169,8 @@ def run_state(cfg: Config, index: CachedKeypointIndex, trainer: Trainer, run_id:
               hooks: list[Hook]) -> RunState:
     """What every checkpoint holds: the trainer's parts, the W&B run id, the state of the hooks that have one,
     and the training data's fingerprint (a moved dataset resumes, a changed one is refused)."""
-    state = RunState(cfg, data_fingerprint(index, cfg.data.min_visible_keypoints))
+    # The resolved data.min_visible_keypoints is recorded and compared: null on COCO resumes a run that set 10.
+    state = RunState(with_skeleton_defaults(cfg, index), data_fingerprint(index, cfg.data.min_visible_keypoints))
     for name, part in (("model", unwrap(trainer.model)), ("optimizer", trainer.optimizer),
                        ("scheduler", trainer.scheduler), ("scaler", trainer.scaler), ("progress", trainer.progress),
                        ("tracking", run_id)):

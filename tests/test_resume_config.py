@@ -67,6 +67,18 @@ def test_a_changed_training_set_at_resume_is_refused_naming_the_key_and_keeps_co
     assert (out / "config.yaml").read_bytes() == config_before  # the run's config, not the refused one
 
 
+def test_a_run_that_set_min_visible_keypoints_10_on_17_keypoints_resumes_with_the_default_that_means_10(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"  # written as the COCO config (and every run before the default followed the skeleton)
+    check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=2",
+                                                 "data.min_visible_keypoints=10")))
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=3",
+                                                          "data.min_visible_keypoints=null")))
+    assert "resumed from" in result.stderr and "training finished at step 3" in result.stderr
+    assert "data.min_visible_keypoints" not in result.stderr  # neither refused nor logged as a change
+    assert store_of(out).latest()[1]["config"]["data"]["min_visible_keypoints"] == 10  # recorded resolved
+
+
 def test_a_run_resumed_with_max_steps_below_its_checkpoint_changes_nothing_and_says_so(
         three_steps: Path, synthetic_root: Path, tmp_path: Path) -> None:
     out = copy_of(three_steps, tmp_path)

@@ -120,7 +120,11 @@ class DataConfig(Section):
     val_annotations: str = Field(
         "annotations/person_keypoints_val2017.json", description="Validation annotation JSON, relative to root."
     )
-    min_visible_keypoints: int = Field(10, ge=0, description="Training drops images with fewer visible keypoints.")
+    min_visible_keypoints: int | None = Field(
+        None, ge=0, description="Training drops images with fewer visible keypoints, counted over all the people of "
+        "an image. null: follows the skeleton, torchvision's 10 of COCO's 17 scaled: round(10 * K / 17) for K "
+        "keypoints (17: 10, 5: 3)."
+    )
     aspect_ratio_group_factor: int = Field(
         3, ge=0, description="Aspect-ratio bins per side of 1 for batch grouping; 0 puts every image in one group."
     )

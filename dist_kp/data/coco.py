@@ -49,6 +49,12 @@ def build_target(index: KeypointIndex, i: int, train: bool) -> dict[str, torch.T
     }
 
 
+def min_visible_for_skeleton(configured: int | None, num_keypoints: int) -> int:
+    """data.min_visible_keypoints for a skeleton of num_keypoints: the configured value, or when None the
+    torchvision reference's 10 of COCO's 17 scaled, round(10 * K / 17) (17 keypoints: 10, 5: 3)."""
+    return round(10 * num_keypoints / 17) if configured is None else configured
+
+
 @dataclass(frozen=True)
 class TrainingFilter:
     """The images training keeps, and how many it drops for each reason.
@@ -66,11 +72,15 @@ class TrainingFilter:
     only_empty_boxes: int
     too_few_keypoints: int
 
+    def reasons(self) -> str:
+        """Each reason with the number of images it dropped."""
+        return (f"{self.without_annotations} without person annotations, {self.only_crowd} with only crowd "
+                f"annotations, {self.only_empty_boxes} whose boxes are all empty inside the image, "
+                f"{self.too_few_keypoints} with fewer than {self.min_visible_keypoints} visible keypoints "
+                "(data.min_visible_keypoints)")
+
     def describe(self) -> str:
-        return (f"{len(self.positions)} of {self.images} images kept; dropped: {self.without_annotations} without "
-                f"person annotations, {self.only_crowd} with only crowd annotations, {self.only_empty_boxes} whose "
-                f"boxes are all empty inside the image, {self.too_few_keypoints} with fewer than "
-                f"{self.min_visible_keypoints} visible keypoints (data.min_visible_keypoints)")
+        return f"{len(self.positions)} of {self.images} images kept; dropped: {self.reasons()}"
 
 
 def training_filter(index: KeypointIndex, min_visible_keypoints: int) -> TrainingFilter:

@@ -10,7 +10,7 @@ sha256 the index cache took of each annotation file anyway: nothing is read agai
 from __future__ import annotations
 
 from dist_kp.config.secrets import redact_url
-from dist_kp.data.coco import trainable_images
+from dist_kp.data.coco import min_visible_for_skeleton, trainable_images
 from dist_kp.data.index_cache import CachedKeypointIndex
 
 TRAIN_CONTENT = "data.train_annotations content"
@@ -23,10 +23,12 @@ def annotation_fact(index: CachedKeypointIndex) -> tuple[str, str]:
     return index.sha256, f"sha256 {index.sha256[:12]} ({redact_url(index.source)})"
 
 
-def data_fingerprint(train: CachedKeypointIndex, min_visible_keypoints: int,
+def data_fingerprint(train: CachedKeypointIndex, min_visible_keypoints: int | None,
                      val: CachedKeypointIndex | None = None) -> dict[str, tuple[str, str]]:
-    """The training annotations' content and image count; the validation annotations' content when given."""
-    images = str(len(trainable_images(train, min_visible_keypoints)))
+    """The training annotations' content and image count (data.min_visible_keypoints as configured: None
+    follows the skeleton); the validation annotations' content when given."""
+    minimum = min_visible_for_skeleton(min_visible_keypoints, train.meta.num_keypoints)
+    images = str(len(trainable_images(train, minimum)))
     fingerprint = {TRAIN_CONTENT: annotation_fact(train), TRAINING_IMAGES: (images, images)}
     if val is not None:
         fingerprint[VAL_CONTENT] = annotation_fact(val)

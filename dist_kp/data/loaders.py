@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from dist_kp.config import Config
-from dist_kp.data.coco import KeypointDataset, collate, training_filter
+from dist_kp.data.coco import KeypointDataset, collate, min_visible_for_skeleton, training_filter
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.index_cache import CachedKeypointIndex, cached_index
 from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
 from dist_kp.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def join(root: str, path: str) -> str:
@@ -31,8 +35,21 @@ def _loader_options(cfg: Config, device: torch.device) -> dict:
 
 def train_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
     """The training index from the node's cache, with the positions that pass data.min_visible_keypoints."""
-    return cached_index(join(cfg.data.root, cfg.data.train_annotations), storage, cfg.data.cache_dir,
-                        cfg.data.min_visible_keypoints)
+    url = join(cfg.data.root, cfg.data.train_annotations)
+    minimum = cfg.data.min_visible_keypoints
+    if minimum is None:  # follows the skeleton, which only the index knows
+        minimum = min_visible_for_skeleton(None, cached_index(url, storage, cfg.data.cache_dir).meta.num_keypoints)
+    return cached_index(url, storage, cfg.data.cache_dir, minimum)
+
+
+def with_skeleton_defaults(cfg: Config, index: KeypointIndex) -> Config:
+    """The config with data.min_visible_keypoints resolved for the training index's skeleton.
+
+    What a run records (config.yaml, checkpoints, tracking) and compares on resume: a run that set
+    the value and one that left it to follow the skeleton are the same run when the numbers agree.
+    """
+    minimum = min_visible_for_skeleton(cfg.data.min_visible_keypoints, index.meta.num_keypoints)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"min_visible_keypoints": minimum})})
 
 
 def val_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
@@ -43,15 +60,23 @@ def val_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
 def build_train_loader(
     cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage
 ) -> tuple[torch.utils.data.DataLoader, GroupedDistributedBatchSampler]:
+    minimum = min_visible_for_skeleton(cfg.data.min_visible_keypoints, index.meta.num_keypoints)
     dataset = KeypointDataset(
         index, join(cfg.data.root, cfg.data.train_images), storage, train=True,
-        min_visible_keypoints=cfg.data.min_visible_keypoints, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
+        min_visible_keypoints=minimum, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
     )
     if len(dataset) < world_size:
         raise ValueError(
             f"{index.source}: fewer training images than the {world_size} processes after filtering "
-            f"({training_filter(index, cfg.data.min_visible_keypoints).describe()})"
+            f"({training_filter(index, minimum).describe()})"
         )
+    if rank == 0 and len(dataset) < len(index):  # never silent: which rule dropped how many
+        keypoints = index.meta.num_keypoints
+        origin = "" if cfg.data.min_visible_keypoints is not None else (
+            f"; {minimum} follows the {keypoints}-keypoint skeleton (data.min_visible_keypoints=null: "
+            f"round(10 * {keypoints} / 17))")
+        log.info("%s: training drops %d of %d images: %s%s", index.source, len(index) - len(dataset), len(index),
+                 training_filter(index, minimum).reasons(), origin)
     sampler = GroupedDistributedBatchSampler(
         dataset.aspect_ratios, cfg.train.batch_size, num_replicas=world_size, rank=rank,
         seed=cfg.train.seed, group_factor=cfg.data.aspect_ratio_group_factor,
