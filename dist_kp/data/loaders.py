@@ -45,8 +45,8 @@ def train_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
 def with_skeleton_defaults(cfg: Config, index: KeypointIndex) -> Config:
     """The config with data.min_visible_keypoints resolved for the training index's skeleton.
 
-    What a run records (config.yaml, checkpoints, tracking) and compares on resume: a run that set
-    the value and one that left it to follow the skeleton are the same run when the numbers agree.
+    What a checkpoint records and a resume compares: a run that set the value and one that left it
+    to follow the skeleton are the same run when the numbers agree.
     """
     minimum = min_visible_for_skeleton(cfg.data.min_visible_keypoints, index.meta.num_keypoints)
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"min_visible_keypoints": minimum})})
