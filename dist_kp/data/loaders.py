@@ -6,6 +6,7 @@ import torch
 
 from dist_kp.config import Config
 from dist_kp.data.coco import KeypointDataset, collate, training_filter
+from dist_kp.data.flip_pairs import FlipPairs, training_flip_pairs
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.index_cache import CachedKeypointIndex, cached_index
 from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
@@ -41,11 +42,16 @@ def val_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
 
 
 def build_train_loader(
-    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage
+    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage,
+    flips: FlipPairs | None = None,
 ) -> tuple[torch.utils.data.DataLoader, GroupedDistributedBatchSampler]:
+    """flips: the pairs the command resolved and logged at start; None resolves them here (training_flip_pairs)."""
+    if flips is None:
+        flips = training_flip_pairs(cfg.data, index.meta.keypoint_names, index.source)
     dataset = KeypointDataset(
         index, join(cfg.data.root, cfg.data.train_images), storage, train=True,
         min_visible_keypoints=cfg.data.min_visible_keypoints, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
+        flip_permutation=flips.permutation(index.meta.keypoint_names),
     )
     if len(dataset) < world_size:
         raise ValueError(
