@@ -193,6 +193,7 @@ def run(cfg: Config) -> int:
     evaluation_index = val_index(cfg, store) if cfg.eval.every_epochs or cfg.eval.at_end else None
     # Before anything is written or built: another batch size or model on one rank fails late, or hangs.
     check_ranks_agree(cfg, index, evaluation_index)
+    # Once the ranks agree, so all refuse together; before the run folder is touched.
     flips = training_flip_pairs(cfg.data, index.meta.keypoint_names, index.source)
     if info.is_main:
         log.info("%s%s", flips.describe(), "" if cfg.data.hflip_prob else " (not used: data.hflip_prob=0)")
