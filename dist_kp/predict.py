@@ -82,7 +82,8 @@ def load_predictor(weights: str, device: torch.device) -> tuple[KeypointRCNN, Ke
         # Pretrained sources only matter when training starts; the state dict below replaces them.
         cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None, "backbone_weights": None})
         meta = KeypointMeta(int(payload["keypoints"]["category_id"]), list(payload["keypoints"]["keypoint_names"]),
-                            [list(pair) for pair in payload["keypoints"]["skeleton"]])
+                            [list(pair) for pair in payload["keypoints"]["skeleton"]],
+                            payload["keypoints"].get("flip_pairs"))  # absent in files of earlier versions
         skeleton_connectivity(meta.skeleton, meta.num_keypoints)
     except (ValidationError, KeyError, TypeError, ValueError) as error:
         raise PredictError(f"{weights}: unusable model_config or keypoints: {error}") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ from dist_kp import distributed, storage
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
 from dist_kp.config.fingerprint import config_fingerprint
 from dist_kp.data.fingerprint import data_fingerprint
+from dist_kp.data.flip_pairs import FlipPairs, training_flip_pairs
 from dist_kp.data.index import DataError, KeypointIndex
 from dist_kp.data.index_cache import CachedKeypointIndex
 from dist_kp.data.loaders import build_train_loader, train_index, val_index, with_skeleton_defaults
@@ -151,9 +153,10 @@ def open_run_folder(cfg: Config, info: distributed.DistInfo, store: storage.Stor
             lease.release()
 
 
-def build_trainer(cfg: Config, index: KeypointIndex, info: distributed.DistInfo, store: storage.Storage) -> Trainer:
+def build_trainer(cfg: Config, index: KeypointIndex, flips: FlipPairs, info: distributed.DistInfo,
+                  store: storage.Storage) -> Trainer:
     """The loader, the model (DDP when there are several processes), its optimizer, schedule and scaler."""
-    loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device, store)
+    loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device, store, flips)
     model = build_model(cfg.model, index.meta.num_keypoints, store).to(info.device)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -191,22 +194,27 @@ def run(cfg: Config) -> int:
     evaluation_index = val_index(cfg, store) if cfg.eval.every_epochs or cfg.eval.at_end else None
     # Before anything is written or built: another batch size or model on one rank fails late, or hangs.
     check_ranks_agree(cfg, index, evaluation_index)
+    # Once the ranks agree, so all refuse together; before the run folder is touched.
+    flips = training_flip_pairs(cfg.data, index.meta.keypoint_names, index.source)
+    if info.is_main:
+        log.info("%s%s", flips.describe(), "" if cfg.data.hflip_prob else " (not used: data.hflip_prob=0)")
     with open_run_folder(cfg, info, store) as folder:
         try:
-            return train_in(folder, cfg, info, preemption, index, evaluation_index)
+            return train_in(folder, cfg, info, preemption, index, evaluation_index, flips)
         finally:
             preemption.uninstall()
 
 
 def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preemption: PreemptionHandler,
-             index: CachedKeypointIndex, evaluation_index: CachedKeypointIndex | None) -> int:
+             index: CachedKeypointIndex, evaluation_index: CachedKeypointIndex | None, flips: FlipPairs) -> int:
     """Build everything, resume, train; the exit status of `run`."""
     seed_everything(cfg.train.seed, info.rank)
     # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
     evaluation = ([EvaluationHook(cfg.eval, Evaluator(cfg, evaluation_index, folder, info.device))]
                   if evaluation_index is not None else [])
-    trainer = build_trainer(cfg, index, info, folder.storage)
-    meta = index.meta.to_dict()
+    trainer = build_trainer(cfg, index, flips, info, folder.storage)
+    # The weights files record the pairs trained with: an export's flip_permutation follows them.
+    meta = dataclasses.replace(index.meta, flip_pairs=[list(pair) for pair in flips.pairs]).to_dict()
     own_hooks = build_hooks(cfg, folder, meta)
     run_id = RunId()
     checkpointer = Checkpointer(run_state(cfg, index, trainer, run_id, [*evaluation, *own_hooks]),

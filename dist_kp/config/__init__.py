@@ -129,10 +129,29 @@ class DataConfig(Section):
         3, ge=0, description="Aspect-ratio bins per side of 1 for batch grouping; 0 puts every image in one group."
     )
     hflip_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a horizontal flip in training.")
+    flip_pairs: list[tuple[str, str]] | None = Field(
+        None, description="Keypoint names a horizontal flip swaps, e.g. [[LShoulder, RShoulder], [LHip, RHip]]; others"
+        " map to themselves, [] swaps none. null: inferred from the names (left_x/right_x, l_x/r_x, x_left/x_right,"
+        " x_l/x_r with _ - . or space, leftX/rightX, xLeft/xRight, LX/RX, any case); with flips on, a name that looks"
+        " sided but has no partner is refused."
+    )
     prefetch_factor: int = Field(2, ge=1, description="Batches each data-loader worker prepares ahead.")
     cache_dir: str | None = Field(
         None, description="Node-local folder for the annotation index cache; null: $TMPDIR/dist_kp_index-<uid>."
     )
+
+    @field_validator("flip_pairs")
+    @classmethod
+    def _each_name_in_one_pair(cls, pairs: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
+        seen: set[str] = set()
+        for pair in pairs or []:
+            if pair[0] == pair[1]:
+                raise ValueError(f"pair {list(pair)} names one keypoint twice; a keypoint in no pair maps to itself")
+            for name in pair:
+                if name in seen:
+                    raise ValueError(f"{name!r} is in more than one pair; a keypoint has one mirror image")
+                seen.add(name)
+        return pairs
 
 
 class ModelConfig(Section):

@@ -189,6 +189,7 @@ class KeypointDataset(torch.utils.data.Dataset):
     def __init__(
         self, index: KeypointIndex, image_root: str, storage: Storage, train: bool, min_visible_keypoints: int = 0,
         hflip_prob: float = 0.0, seed: int = 0,
+        flip_permutation: list[int] | None = None,  # None: index.meta's (pairs inferred from the names)
     ) -> None:
         self.index = index
         self.image_root = image_root.rstrip("/")
@@ -196,7 +197,7 @@ class KeypointDataset(torch.utils.data.Dataset):
         self.train = train
         self.hflip_prob = hflip_prob
         self.seed = seed
-        self.flip_permutation = index.meta.flip_permutation
+        self.flip_permutation = index.meta.flip_permutation if flip_permutation is None else flip_permutation
         leaving = file_names_leaving_folder(index.file_names)
         if leaving:
             named = ", ".join(f"image id={int(index.image_ids[i])} file_name={index.file_names[i]!r}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_kp.data.flip_pairs import flip_permutation, infer_flip_pairs
 from dist_kp.storage import Storage
 
 
@@ -30,6 +31,7 @@ class KeypointMeta:
     category_id: int
     keypoint_names: list[str]
     skeleton: list[list[int]]  # 1-based pairs, as in COCO
+    flip_pairs: list[list[str]] | None = None  # the pairs training flipped with; None: inferred from the names
 
     @property
     def num_keypoints(self) -> int:
@@ -37,21 +39,13 @@ class KeypointMeta:
 
     @property
     def flip_permutation(self) -> list[int]:
-        """Index of each keypoint's mirror image: left_x <-> right_x, others map to themselves."""
-        position = {name: i for i, name in enumerate(self.keypoint_names)}
-        perm = []
-        for name in self.keypoint_names:
-            if name.startswith("left_"):
-                mirror = "right_" + name[len("left_"):]
-            elif name.startswith("right_"):
-                mirror = "left_" + name[len("right_"):]
-            else:
-                mirror = name
-            perm.append(position.get(mirror, position[name]))
-        return perm
+        """Index of each keypoint's mirror image: by flip_pairs, else by the pairs inferred from the names."""
+        pairs = self.flip_pairs if self.flip_pairs is not None else infer_flip_pairs(self.keypoint_names)[0]
+        return flip_permutation(self.keypoint_names, pairs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"category_id": self.category_id, "keypoint_names": self.keypoint_names, "skeleton": self.skeleton}
+        meta = {"category_id": self.category_id, "keypoint_names": self.keypoint_names, "skeleton": self.skeleton}
+        return meta if self.flip_pairs is None else {**meta, "flip_pairs": self.flip_pairs}
 
 
 class PackedStrings(Sequence[str]):

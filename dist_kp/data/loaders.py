@@ -8,6 +8,7 @@ import torch
 
 from dist_kp.config import Config
 from dist_kp.data.coco import KeypointDataset, collate, min_visible_for_skeleton, training_filter
+from dist_kp.data.flip_pairs import FlipPairs, training_flip_pairs
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.index_cache import CachedKeypointIndex, cached_index
 from dist_kp.data.sampler import GroupedDistributedBatchSampler, eval_shard
@@ -58,12 +59,17 @@ def val_index(cfg: Config, storage: Storage) -> CachedKeypointIndex:
 
 
 def build_train_loader(
-    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage
+    cfg: Config, index: KeypointIndex, rank: int, world_size: int, device: torch.device, storage: Storage,
+    flips: FlipPairs | None = None,
 ) -> tuple[torch.utils.data.DataLoader, GroupedDistributedBatchSampler]:
+    """flips: the pairs the command resolved and logged at start; None resolves them here (training_flip_pairs)."""
+    if flips is None:
+        flips = training_flip_pairs(cfg.data, index.meta.keypoint_names, index.source)
     minimum = min_visible_for_skeleton(cfg.data.min_visible_keypoints, index.meta.num_keypoints)
     dataset = KeypointDataset(
         index, join(cfg.data.root, cfg.data.train_images), storage, train=True,
         min_visible_keypoints=minimum, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
+        flip_permutation=flips.permutation(index.meta.keypoint_names),
     )
     if len(dataset) < world_size:
         raise ValueError(
