@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import wandb
 from PIL import Image
 
 from dist_kp.config import ConfigError, load_config
@@ -262,6 +263,9 @@ def test_wandb_mode_in_the_environment_overrides_the_config(tmp_path: Path, monk
     assert tracker.run is not None and tracker.run.settings.mode == "offline"
     tracker.record({"step": 1, "train/loss": 2.5})
     tracker.finish()
+    # run.finish() can return before W&B's service has written the transaction log (seen under load:
+    # a log without a single record); teardown ends the service, which writes everything first.
+    wandb.teardown()
     (run,) = offline_runs(tmp_path / "wandb")
     assert run.run_id == "envmode1" and run.rows_with("train/loss")[1]["train/loss"] == 2.5
 
