@@ -114,18 +114,18 @@ def test_a_checkpoint_is_a_weights_file_for_evaluate_predict_export_and_fine_tun
         run: Path, synthetic_root: Path, tmp_path: Path) -> None:
     checkpoint = run / "checkpoints" / "step_00000002"
     final = run / "model_final.pt"  # written at the same step: the same weights
-    for name, weights in (("final", final), ("state", checkpoint / "state.pt"), ("folder", checkpoint)):
+    for name, weights in (("final", final), ("state", checkpoint / "state.pt")):
         assert evaluate(TINY_CONFIG, weights, synthetic_root, tmp_path / f"eval_{name}") == 0, name
     metrics = {name: json.loads((tmp_path / f"eval_{name}/eval/00000000/metrics.json").read_text())
-               for name in ("final", "state", "folder")}
-    assert metrics["final"] == metrics["state"] == metrics["folder"]
+               for name in ("final", "state")}
+    assert metrics["final"] == metrics["state"]
 
     image = sorted((synthetic_root / "val2017").glob("*.jpg"))[0]
-    for name, weights in (("final", final), ("state", checkpoint / "state.pt"), ("run", run)):
+    for name, weights in (("final", final), ("folder", checkpoint), ("run", run)):  # a run folder: its model_final.pt
         assert predict(weights, image, tmp_path / f"predict_{name}") == 0, name
     results = {name: json.loads((tmp_path / f"predict_{name}/results.json").read_text())
-               for name in ("final", "state", "run")}
-    assert results["final"] and results["final"] == results["state"] == results["run"]
+               for name in ("final", "folder", "run")}
+    assert results["final"] and results["final"] == results["folder"] == results["run"]
 
     assert export_main(["--weights", str(checkpoint / "state.pt"), "--out", str(tmp_path / "model.pt"),
                         "--format", "torchscript"]) == 0
