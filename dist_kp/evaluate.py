@@ -7,6 +7,12 @@ usage:
       [--keypoint-area keypoints|box] [--out DIR]
 
 With --config, the validation set of the config is evaluated (output under OUTPUT_DIR/eval/).
+--weights is model_final.pt or model_best.pt, a training checkpoint (OUTPUT_DIR/checkpoints/step_N
+or its state.pt), or a bare state dict. A dist_kp file records its model config: the network is
+built from it and every tensor comes from the file (no backbone weights file is read); the config
+supplies the data and eval settings, and a model key it sets that changes the network (backbone,
+head sizes, sizes) to another value than the file's is refused by name. A bare state dict is built
+from the config's model section.
 With --results, box stats are computed only when the results carry boxes; metrics.json is
 written next to the results file, or under --out. A results file that COCO evaluation cannot
 take (unknown image ids, non-finite scores, keypoint lists of the wrong length, not JSON) is
@@ -30,7 +36,8 @@ from dist_kp.data.loaders import val_index
 from dist_kp.evaluation.backends import BACKENDS, KEYPOINT_AREAS
 from dist_kp.evaluation.evaluator import Evaluator, evaluate_results
 from dist_kp.evaluation.results import EvaluationError, check_results, ground_truth
-from dist_kp.model.keypoint_rcnn import WeightsError, build_model
+from dist_kp.model.keypoint_rcnn import WeightsError, read_weights_file
+from dist_kp.model.trained import trained_model
 from dist_kp.storage.run_folder import RunFolder
 
 log = logging.getLogger("dist_kp.evaluate")
@@ -40,8 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dist_kp.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("evaluate a model on the config's validation set")
-    model.add_argument("--config", help="YAML config (data, model, eval sections are used)")
-    model.add_argument("--weights", help="weights file: local path or fsspec URL (model_final.pt or a state dict)")
+    model.add_argument("--config", help="YAML config: its data and eval sections are used; its model section must "
+                       "agree with the weights file's")
+    model.add_argument("--weights", help="model_final.pt, model_best.pt, a checkpoint (checkpoints/step_N or its "
+                       "state.pt) or a state dict: local path or fsspec URL")
     files = parser.add_argument_group("evaluate a COCO results file")
     files.add_argument("--annotations", help="ground-truth COCO keypoints JSON (path or URL)")
     files.add_argument("--results", help="COCO results JSON: image_id, category_id, keypoints, score[, bbox]")
@@ -116,7 +125,7 @@ def evaluate_file(args: argparse.Namespace) -> None:
 
 
 def evaluate_weights(args: argparse.Namespace) -> None:
-    overrides = [*args.overrides, f"model.weights={args.weights}"]
+    overrides = list(args.overrides)
     if args.backend:
         overrides.append(f"eval.backend={args.backend}")
     if args.sigmas:
@@ -125,7 +134,8 @@ def evaluate_weights(args: argparse.Namespace) -> None:
     info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     store = storage.Storage.from_config(cfg.storage)
     index = val_index(cfg, store)
-    model = build_model(cfg.model, index.meta.num_keypoints, store).to(info.device)
+    model = trained_model(read_weights_file(args.weights, store), cfg.model, index.meta.keypoint_names).model
+    model.to(info.device)
     Evaluator(cfg, index, RunFolder(cfg.output_dir, store), info.device).run(model, step=0)
 
 

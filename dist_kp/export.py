@@ -10,9 +10,12 @@ like the eager model and returns `boxes` [N, 4] (x1, y1, x2, y2 in input pixels)
 `scores` [N], `keypoints` [N, K, 3] (x, y, 1) and `keypoints_scores` [N, K]. It is written by
 PyTorch's TorchScript-based exporter (opset 17): the torch.export-based one stops at
 torchvision's data-dependent NMS. TorchScript: the scripted model takes a list of [3, H, W]
-images of any size and returns (losses, detections), as torchvision's scripted detection models do.
-OUT.json (beside OUT) holds the keypoint names, skeleton, category id, input and preprocessing.
---out may be an fsspec URL. Exit status: 0 written, 2 unusable weights or arguments.
+images of any size and returns (losses, detections), as torchvision's scripted detection models do;
+it calls torchvision's operators (torchvision::nms, roi_align), which exist only once torchvision is
+imported: load it with `dist_kp.export.load_torchscript(path)`, or `import torchvision` before
+`torch.jit.load(path)`. OUT.json (beside OUT) holds the keypoint names, skeleton, category id, input
+and preprocessing. --weights is model_final.pt, model_best.pt or a training checkpoint; --out may be
+an fsspec URL. Exit status: 0 written, 2 unusable weights or arguments.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision  # noqa: F401 - registers torchvision::nms and roi_align, which a TorchScript model calls
 from torchvision.models.detection import KeypointRCNN
 
 from dist_kp import distributed
@@ -44,6 +48,12 @@ STORAGE = Storage()
 
 ONNX_OPSET = 17
 OUTPUT_NAMES = ["boxes", "labels", "scores", "keypoints", "keypoints_scores"]
+# How a deployment loads each format (in the sidecar and the log).
+LOADING = {
+    "onnx": "onnxruntime.InferenceSession(path).run(None, {'image': float32 array [3, H, W], RGB in [0, 1]})",
+    "torchscript": "dist_kp.export.load_torchscript(path), or `import torchvision` (it registers torchvision::nms "
+                   "and roi_align, which the model calls) before torch.jit.load(path)",
+}
 
 
 class ExportError(ValueError):
@@ -84,6 +94,7 @@ def sidecar(model: KeypointRCNN, meta: KeypointMeta, fmt: str, model_file: str, 
         },
         "score_threshold": float(model.roi_heads.score_thresh),
         "detections_per_image": int(model.roi_heads.detections_per_img),
+        "load": LOADING[fmt],
         "source_weights": weights,
         "versions": {name: _version(name) for name in ("dist_kp", "torch", "torchvision")},
     }
@@ -122,10 +133,25 @@ def export_torchscript(model: KeypointRCNN) -> bytes:
     return buffer.getvalue()
 
 
+def load_torchscript(path: str, map_location: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """A TorchScript model written by export (local path or fsspec URL), in eval mode.
+
+    The same as torch.jit.load, with torchvision imported first: torchvision registers the
+    operators the model calls (torchvision::nms, roi_align), and torch.jit.load fails without them.
+    Call it as model([image, ...]) with float32 [3, H, W] RGB images in [0, 1]; it returns
+    (losses, detections), detections one dict per image (boxes, labels, scores, keypoints, keypoints_scores).
+    """
+    with STORAGE.open(path, "rb") as f:
+        data = io.BytesIO(f.read())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load. is deprecated", category=FutureWarning)
+        return torch.jit.load(data, map_location=map_location).eval()
+
+
 def export(weights: str, out: str, fmt: str = "onnx", size: tuple[int, int] | None = None) -> dict[str, Any]:
     """Write OUT (the model) and OUT.json (the sidecar); returns the sidecar."""
     try:
-        model, meta = load_predictor(weights, torch.device("cpu"))
+        model, meta = load_predictor(weights, torch.device("cpu"), command="export", store=STORAGE)
     except PredictError as error:
         raise ExportError(str(error)) from None
     if fmt == "onnx":
@@ -141,14 +167,16 @@ def export(weights: str, out: str, fmt: str = "onnx", size: tuple[int, int] | No
     info = sidecar(model, meta, fmt, out.rstrip("/").rsplit("/", 1)[-1], size, weights)
     STORAGE.write(out, data)
     STORAGE.write(f"{out}.json", json.dumps(info, indent=2).encode())
-    log.info("%s model (%.1f MB) written to %s, sidecar %s.json", fmt, len(data) / 1e6, out, out)
+    log.info("%s model (%.1f MB) written to %s, sidecar %s.json; load it with %s", fmt, len(data) / 1e6, out, out,
+             LOADING[fmt])
     return info
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dist_kp.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="OUTPUT_DIR/model_final.pt (local path or fsspec URL)")
+    parser.add_argument("--weights", required=True, help="OUTPUT_DIR/model_final.pt, model_best.pt or a checkpoint "
+                        "(checkpoints/step_N or its state.pt): local path or fsspec URL")
     parser.add_argument("--out", required=True, help="model file to write, e.g. model.onnx (local path or URL)")
     parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx", help="default: onnx")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),

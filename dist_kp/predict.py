@@ -4,9 +4,10 @@ usage:
   python -m dist_kp.predict --weights OUTPUT_DIR/model_final.pt --images a.jpg b.png DIR/ --out OUT \
       [--score-threshold 0.5] [--device auto|cpu|cuda]
 
-The weights file (model_final.pt, written at the end of training) carries the model config,
-keypoint names and skeleton, so no training config is needed and a custom skeleton is drawn
-right. A folder given in --images contributes its .jpg/.jpeg/.png/.webp files (not sub-folders).
+The weights file (model_final.pt, written at the end of training; model_best.pt; or a training
+checkpoint, OUTPUT_DIR/checkpoints/step_N or its state.pt) carries the model config, keypoint names
+and skeleton, so no training config is needed and a custom skeleton is drawn right. A folder given
+in --images contributes its .jpg/.jpeg/.png/.webp files (not sub-folders).
 OUT receives, for every readable input, NAME.png with boxes, keypoints and skeleton drawn;
 results.json (COCO results: image_id, category_id, bbox, keypoints, score) for all inputs; and
 images.json, the COCO "images" list mapping each image id to its source file. Image ids are the
@@ -30,18 +31,16 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.models.detection import KeypointRCNN
 from torchvision.transforms.v2.functional import to_dtype
 
 from dist_kp import distributed
-from dist_kp.config import ModelConfig
 from dist_kp.data.index import KeypointMeta
 from dist_kp.evaluation.results import outputs_to_results
-from dist_kp.model.keypoint_rcnn import build_model
+from dist_kp.model.keypoint_rcnn import WeightsError, WeightsFile, read_weights_file
+from dist_kp.model.trained import trained_model
 from dist_kp.storage import Storage, StorageError
-from dist_kp.storage.untrusted import load_untrusted
 from dist_kp.tracking.pictures import draw_people, skeleton_connectivity
 
 log = logging.getLogger("dist_kp.predict")
@@ -64,35 +63,43 @@ class InputImage:
     picture: str
 
 
-def load_predictor(weights: str, device: torch.device) -> tuple[KeypointRCNN, KeypointMeta]:
-    """The model rebuilt from a final weights file alone (model config, keypoints, state dict), in eval mode."""
+def load_predictor(weights: str, device: torch.device, command: str = "predict",
+                   store: Storage | None = None) -> tuple[KeypointRCNN, KeypointMeta]:
+    """The model rebuilt from a trained weights file alone (model config, keypoints, state dict), in eval mode.
+
+    weights: model_final.pt or model_best.pt, or a training checkpoint (its state.pt or its
+    checkpoints/step_N folder). `command` names the command in error messages.
+    """
     try:
-        with STORAGE.open(weights, "rb") as f:
-            payload = load_untrusted(f)
-    except FileNotFoundError:
-        raise PredictError(f"weights file not found: {weights}") from None
-    except Exception as error:  # noqa: BLE001 - torch/fsspec raise many types; the message keeps it
-        raise PredictError(f"cannot load weights from {weights}: {type(error).__name__}: {error}") from None
-    missing = [key for key in ("model", "model_config", "keypoints") if not isinstance(payload, dict)
-               or not isinstance(payload.get(key), dict)]
-    if missing:
-        raise PredictError(f"{weights} is not a dist_kp weights file: no {missing} in it; predict needs the "
-                           "OUTPUT_DIR/model_final.pt that training writes (it holds the model config and skeleton)")
+        file = read_weights_file(weights, store or STORAGE)
+    except WeightsError as error:
+        raise PredictError(str(error)) from None
+    if file.model_config is None or file.keypoints is None:
+        raise PredictError(_not_trained_message(file, command))
     try:
-        # Pretrained sources only matter when training starts; the state dict below replaces them.
-        cfg = ModelConfig.model_validate({**payload["model_config"], "weights": None, "backbone_weights": None})
-        meta = KeypointMeta(int(payload["keypoints"]["category_id"]), list(payload["keypoints"]["keypoint_names"]),
-                            [list(pair) for pair in payload["keypoints"]["skeleton"]],
-                            payload["keypoints"].get("flip_pairs"))  # absent in files of earlier versions
+        meta = KeypointMeta(int(file.keypoints["category_id"]), list(file.keypoints["keypoint_names"]),
+                            [list(pair) for pair in file.keypoints["skeleton"]],
+                            file.keypoints.get("flip_pairs"))  # absent in files of earlier versions
         skeleton_connectivity(meta.skeleton, meta.num_keypoints)
-    except (ValidationError, KeyError, TypeError, ValueError) as error:
-        raise PredictError(f"{weights}: unusable model_config or keypoints: {error}") from None
-    model = build_model(cfg, meta.num_keypoints)
+    except (KeyError, TypeError, ValueError) as error:
+        raise PredictError(f"{weights}: unusable keypoints: {error}") from None
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as error:
-        raise PredictError(f"{weights}: the state dict does not fit its own model_config: {error}") from None
-    return model.eval().to(device), meta
+        model = trained_model(file).model
+    except WeightsError as error:
+        raise PredictError(str(error)) from None
+    return model.to(device), meta
+
+
+def _not_trained_message(file: WeightsFile, command: str) -> str:
+    if file.checkpoint:
+        return (f"{file.source} is a training checkpoint written before dist_kp recorded the keypoint names and "
+                f"skeleton in checkpoints, which {command} needs: use the run's model_final.pt or model_best.pt, "
+                "or evaluate the checkpoint (python -m dist_kp.evaluate --config ... --weights ...)")
+    missing = [key for key, value in (("model_config", file.model_config), ("keypoints", file.keypoints))
+               if value is None]
+    return (f"{file.source} is not a dist_kp weights file: no {missing} in it; {command} needs the "
+            "OUTPUT_DIR/model_final.pt (or model_best.pt, or a checkpoint) that training writes (it holds the "
+            "model config and skeleton)")
 
 
 def _name(source: str) -> str:
@@ -199,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dist_kp.predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", required=True, help="final weights file: local path or fsspec URL")
+    parser.add_argument("--weights", required=True, help="model_final.pt, model_best.pt or a checkpoint (checkpoints/"
+                        "step_N or its state.pt): local path or fsspec URL")
     parser.add_argument("--images", required=True, nargs="+", help="image files and folders (paths or URLs)")
     parser.add_argument("--out", required=True, help="folder for the pictures, results.json and images.json")
     parser.add_argument("--score-threshold", type=float, default=0.5,

@@ -173,7 +173,8 @@ def run_state(cfg: Config, index: CachedKeypointIndex, trainer: Trainer, run_id:
     """What every checkpoint holds: the trainer's parts, the W&B run id, the state of the hooks that have one,
     and the training data's fingerprint (a moved dataset resumes, a changed one is refused)."""
     # The resolved data.min_visible_keypoints is recorded and compared: null on COCO resumes a run that set 10.
-    state = RunState(with_skeleton_defaults(cfg, index), data_fingerprint(index, cfg.data.min_visible_keypoints))
+    state = RunState(with_skeleton_defaults(cfg, index), data_fingerprint(index, cfg.data.min_visible_keypoints),
+                     keypoints=index.meta.to_dict())
     for name, part in (("model", unwrap(trainer.model)), ("optimizer", trainer.optimizer),
                        ("scheduler", trainer.scheduler), ("scaler", trainer.scaler), ("progress", trainer.progress),
                        ("tracking", run_id)):

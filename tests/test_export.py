@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from torchvision.transforms.v2.functional import resize, to_dtype
 
 from dist_kp.config import load_config
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON
+from dist_kp.export import load_torchscript
 from dist_kp.export import main as export_main
 from dist_kp.model.keypoint_rcnn import build_model, weights_payload
 from dist_kp.predict import load_predictor
-from tests.conftest import TINY_CONFIG, check, run_module
+from tests.conftest import REPO, TINY_CONFIG, check, run_module
 
 import onnxruntime as ort  # noqa: E402 - part of the dev extra: the test runs wherever the suite does
 
@@ -92,9 +94,7 @@ def test_torchscript_export_matches_the_eager_model_at_any_size(
     assert export_main(["--weights", str(weights), "--out", str(out), "--format", "torchscript"]) == 0
     assert json.loads((tmp_path / "model.pt.json").read_text())["input"]["shape"] == [3, "H", "W"]
     model, _ = load_predictor(str(weights), torch.device("cpu"))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load. is deprecated", category=FutureWarning)
-        scripted = torch.jit.load(str(out))
+    scripted = load_torchscript(str(out))
     other_size = resize(pictures[0], [300, 400])
     for picture in (pictures[1], other_size):
         with torch.no_grad(), warnings.catch_warnings():
@@ -108,5 +108,29 @@ def test_export_of_a_file_that_is_not_a_dist_kp_weights_file_is_refused(
     bare = tmp_path / "bare.pt"
     torch.save(build_model(load_config(TINY_CONFIG).model, 17).state_dict(), bare)
     assert export_main(["--weights", str(bare), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "bare.pt is not a dist_kp weights file" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "bare.pt is not a dist_kp weights file" in err
+    assert "export needs the OUTPUT_DIR/model_final.pt" in err and "predict" not in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_readme_export_examples_run_onnxruntime_and_torchscript(
+        weights: Path, synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Export\n", 1)[1].split("\n## ", 1)[0]
+    examples = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(examples) == 2 and "onnxruntime" in examples[0] and "load_torchscript" in examples[1]
+    (tmp_path / "runs/demo").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/synthetic").symlink_to(synthetic_root)
+    for out, fmt in (("model.onnx", "onnx"), ("model.pt", "torchscript")):
+        assert export_main(["--weights", str(weights), "--out", str(tmp_path / "runs/demo" / out), "--format", fmt]) == 0
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RCNN always returns a", category=UserWarning)
+        for example in examples:
+            exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) > 1 and "nose" in printed[0], printed[:2]  # one line per detection, then the shapes
+    assert printed[-1].startswith("torch.Size([") and printed[-1].endswith(", 17, 3])")

@@ -158,6 +158,17 @@ def test_a_missing_torchvision_weights_file_says_where_to_put_it_and_how_to_fetc
     assert "model.weights" in message
 
 
+def test_a_missing_torchvision_backbone_file_says_to_give_it_as_model_backbone_weights(
+        offline_torch_home: Path) -> None:
+    cfg = load_config(TINY_CONFIG, ["model.backbone_weights=ResNet18_Weights.IMAGENET1K_V1"]).model
+    with pytest.raises(WeightsError) as error:
+        build_model(cfg, num_keypoints=17)
+    message = str(error.value)
+    assert message.startswith("model.backbone_weights: torchvision weights ResNet18_Weights.IMAGENET1K_V1 are not")
+    assert "model.backbone_weights=s3://bucket/weights/resnet18-f37072fd.pth" in message
+    assert "model.weights" not in message  # a backbone file given as model.weights matches 0 of the model's tensors
+
+
 def test_an_unknown_torchvision_weights_name_is_named(offline_torch_home: Path) -> None:
     with pytest.raises(WeightsError, match="unknown torchvision weights name 'ResNet18_Weights.NOPE'"):
         load_weights(torch.nn.Linear(1, 1), "ResNet18_Weights.NOPE")

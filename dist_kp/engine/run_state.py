@@ -9,7 +9,8 @@
 
 Besides the registered parts a snapshot holds every rank's random states (restored when the
 world size is unchanged), the world size that wrote it, the resolved config, the training
-data's fingerprint and the versions. A moved dataset (data.root or data.train_annotations
+data's fingerprint, its keypoints (names, skeleton, category id: what predict and export need
+beside the model) and the versions. A moved dataset (data.root or data.train_annotations
 changed) resumes when that fingerprint is unchanged.
 """
 
@@ -123,15 +124,17 @@ def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 class RunState:
     """The registry of what a checkpoint holds: capture() makes a snapshot, restore() loads one."""
 
-    def __init__(self, config: Config, data: dict[str, tuple[str, str]]) -> None:
+    def __init__(self, config: Config, data: dict[str, tuple[str, str]],
+                 keypoints: dict[str, Any] | None = None) -> None:
         self.config = config
         self.data = data
+        self.keypoints = keypoints
         self.parts: dict[str, Stateful] = {}
         self.optional: set[str] = set()  # parts a checkpoint may lack (hooks)
         self.versions = versions()
 
     def register(self, name: str, part: Stateful) -> None:
-        if name in self.parts or name in ("rng", "world_size", "config", "data", "versions", "epoch_end"):
+        if name in self.parts or name in ("rng", "world_size", "config", "data", "keypoints", "versions", "epoch_end"):
             raise ValueError(f"run state part {name!r} is registered twice")
         self.parts[name] = part
 
@@ -162,6 +165,7 @@ class RunState:
             "world_size": distributed.get_world_size(),
             "config": self.config.model_dump(mode="json"),
             "data": self.data,
+            "keypoints": self.keypoints,
             "versions": self.versions,
         })
 

@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchvision
@@ -31,6 +31,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from dist_kp import distributed
 from dist_kp.config import ModelConfig
 from dist_kp.storage import Storage
+from dist_kp.storage.run_folder import CHECKPOINT_STATE, MODEL_FINAL
 from dist_kp.storage.untrusted import load_untrusted
 
 log = logging.getLogger(__name__)
@@ -66,22 +67,23 @@ class TorchvisionWeightsFile:
         return cls(str(weights), weights.url, Path(torch.hub.get_dir()) / "checkpoints" / file_name,
                    found.group(1) if found else "")
 
-    def missing_message(self) -> str:
+    def missing_message(self, key: str) -> str:
+        """Where to put the file, or how to give it as `key` (the config key that named it)."""
         fetch_name = self.path.name
         return (
             f"torchvision weights {self.name} are not on this machine, and dist_kp never downloads at run time.\n"
             f"  Put {fetch_name} (sha256 starting {self.sha256_prefix}) at {self.path}\n"
             f"  (torch's hub cache: $TORCH_HOME/hub/checkpoints/, TORCH_HOME defaults to ~/.cache/torch;"
             f" point TORCH_HOME at a shared folder for every node),\n"
-            f"  or give the file's path or object-store URL as model.weights (e.g. s3://bucket/weights/{fetch_name}).\n"
+            f"  or give the file's path or object-store URL instead: {key}=s3://bucket/weights/{fetch_name}.\n"
             f"  On a machine with internet: curl -L -o {fetch_name} {self.url}\n"
             f"  then `sha256sum {fetch_name}` must start with {self.sha256_prefix}; copy the file to the nodes."
         )
 
-    def read(self) -> dict[str, torch.Tensor]:
-        """The state dict from the hub cache; never downloads (the file must be there)."""
+    def read(self, key: str = "model.weights") -> dict[str, torch.Tensor]:
+        """The state dict from the hub cache; never downloads (the file must be there; `key` named it)."""
         if not self.path.is_file():
-            raise WeightsError(self.missing_message())
+            raise WeightsError(self.missing_message(key))
         if self.sha256_prefix:
             digest = hashlib.sha256()
             with self.path.open("rb") as f:
@@ -91,35 +93,71 @@ class TorchvisionWeightsFile:
                 log.warning("%s: sha256 %s does not start with %s as torchvision's file does: another version "
                             "or a damaged copy of %s", self.path, digest.hexdigest()[:16], self.sha256_prefix,
                             self.name)
-        return _load_file(str(self.path))
+        return read_weights_file(str(self.path)).state
 
 
 def _is_torchvision_name(source: str) -> bool:
     return "_Weights." in source and "/" not in source
 
 
-def _load_file(source: str, store: Storage | None = None) -> dict[str, torch.Tensor]:
-    return _load_payload(source, store)[0]
+@dataclass(frozen=True)
+class WeightsFile:
+    """What a weights file holds: the state dict, and what a dist_kp file records beside it.
+
+    model_config: the model config it was written with (model_final.pt, model_best.pt, a checkpoint);
+    None for a bare state dict. keypoints: category_id, keypoint_names, skeleton (model_final.pt,
+    model_best.pt, checkpoints since they record them); None otherwise. checkpoint: a training
+    checkpoint's state.pt (optimizer and progress beside the model, which are not needed here).
+    """
+
+    source: str
+    state: dict[str, torch.Tensor]
+    model_config: dict[str, Any] | None = None
+    keypoints: dict[str, Any] | None = None
+    checkpoint: bool = False
 
 
-def _load_payload(source: str, store: Storage | None = None) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The state dict of a weights file, and the model config it was written with (dist_kp files only)."""
+def _open_untrusted(source: str, store: Storage) -> Any:
+    """The loaded object of a weights file; a folder is read as a checkpoint (its state.pt) or a run (its
+    model_final.pt)."""
+    try:
+        with store.open(source, "rb") as f:
+            return load_untrusted(f)
+    except (FileNotFoundError, IsADirectoryError) as error:
+        folder = source.rstrip("/")
+        for name in (CHECKPOINT_STATE, MODEL_FINAL):
+            try:
+                with store.open(f"{folder}/{name}", "rb") as f:
+                    return load_untrusted(f)
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                continue
+        if isinstance(error, IsADirectoryError):
+            raise WeightsError(f"{source} is a folder with neither {CHECKPOINT_STATE} (a checkpoint, "
+                               f"checkpoints/step_N/) nor {MODEL_FINAL} (a finished run): give one of those") from None
+        raise WeightsError(f"weights file not found: {source}") from None
+
+
+def read_weights_file(source: str, store: Storage | None = None) -> WeightsFile:
+    """A weights file: a dist_kp model_final.pt / model_best.pt, a training checkpoint (its state.pt, or the
+    checkpoints/step_N folder), a finished run's folder (its model_final.pt), or a bare state dict.
+    Loaded as untrusted input (tensors and plain data only)."""
     try:
         # Without a Storage: the process-wide default that train configures (until every caller passes one).
-        with (store or Storage()).open(source, "rb") as f:
-            loaded = load_untrusted(f)
-    except FileNotFoundError:
-        raise WeightsError(f"weights file not found: {source}") from None
+        loaded = _open_untrusted(source, store or Storage())
+    except WeightsError:
+        raise
     except Exception as error:
         raise WeightsError(f"cannot load weights from {source}: {error}") from error
-    model_config = None
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):
-        # A dist_kp weights file (model_config beside the tensors) or checkpoint (config.model).
-        model_config = loaded.get("model_config") or (loaded.get("config") or {}).get("model")
-        loaded = loaded["model"]
     if not isinstance(loaded, dict):
         raise WeightsError(f"{source} does not hold a state dict (got {type(loaded).__name__})")
-    return loaded, model_config if isinstance(model_config, dict) else None
+    if not isinstance(loaded.get("model"), dict):
+        return WeightsFile(source, loaded)
+    # A dist_kp weights file (model_config beside the tensors) or a checkpoint (config.model).
+    checkpoint = "model_config" not in loaded and isinstance(loaded.get("config"), dict)
+    model_config = loaded.get("model_config") or (loaded.get("config") or {}).get("model")
+    keypoints = loaded.get("keypoints")
+    return WeightsFile(source, loaded["model"], model_config if isinstance(model_config, dict) else None,
+                       keypoints if isinstance(keypoints, dict) else None, checkpoint)
 
 
 def check_architecture(cfg: ModelConfig, written_with: dict | None, source: str) -> None:
@@ -140,11 +178,11 @@ def check_architecture(cfg: ModelConfig, written_with: dict | None, source: str)
         )
 
 
-def read_state_dict(source: str, store: Storage | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(source: str, store: Storage | None = None, key: str = "model.weights") -> dict[str, torch.Tensor]:
     """A state dict from a torchvision weights name (hub cache only), a local path or an fsspec URL."""
     if _is_torchvision_name(source):
-        return TorchvisionWeightsFile.of(source).read()
-    return _load_file(source, store)
+        return TorchvisionWeightsFile.of(source).read(key)
+    return read_weights_file(source, store).state
 
 
 @dataclass
@@ -217,9 +255,9 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: st
     return report
 
 
-def load_weights(module: nn.Module, source: str, strict: bool = False,
-                 store: Storage | None = None, architecture: ModelConfig | None = None) -> WeightsReport:
-    """Load weights into a freshly built module.
+def load_weights(module: nn.Module, source: str, strict: bool = False, store: Storage | None = None,
+                 architecture: ModelConfig | None = None, key: str = "model.weights") -> WeightsReport:
+    """Load weights into a freshly built module; `key` is the config key that names them (in messages).
 
     architecture: the config `module` was built from; a dist_kp file written for other values of
     its ARCHITECTURE_KEYS is refused (see check_architecture).
@@ -230,12 +268,21 @@ def load_weights(module: nn.Module, source: str, strict: bool = False,
     another number of classes); rank 0 logs the table of what was loaded, re-initialised and unused.
     A file in which less than half of the model's values match is refused (another architecture).
     """
-    if _is_torchvision_name(source):
-        state, written_with = read_state_dict(source, store), None
-    else:
-        state, written_with = _load_payload(source, store)
+    try:
+        if _is_torchvision_name(source):
+            state, written_with = read_state_dict(source, store, key), None
+        else:
+            file = read_weights_file(source, store)
+            state, written_with = file.state, file.model_config
+    except WeightsError as error:
+        raise WeightsError(f"{key}: {error}") from None
     if architecture is not None:
         check_architecture(architecture, written_with, source)
+    return load_state(module, state, source, strict)
+
+
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = False) -> WeightsReport:
+    """Load a state dict read from `source` into a module, strictly or the tensors that match (see load_weights)."""
     if strict:
         _load_strict(module, state, source)
         log.info("loaded weights from %s (strict)", source)
@@ -247,10 +294,15 @@ def load_weights(module: nn.Module, source: str, strict: bool = False,
     return report
 
 
-def _norm_layer(cfg: ModelConfig) -> type[nn.Module]:
+def resolved_norm_layer(cfg: ModelConfig) -> Literal["frozen_bn", "bn"]:
+    """model.norm_layer with auto decided: frozen BN when the model starts from pretrained weights."""
     if cfg.norm_layer == "auto":
-        return FrozenBatchNorm2d if cfg.backbone_weights or cfg.weights else nn.BatchNorm2d
-    return FrozenBatchNorm2d if cfg.norm_layer == "frozen_bn" else nn.BatchNorm2d
+        return "frozen_bn" if cfg.backbone_weights or cfg.weights else "bn"
+    return cfg.norm_layer
+
+
+def _norm_layer(cfg: ModelConfig) -> type[nn.Module]:
+    return FrozenBatchNorm2d if resolved_norm_layer(cfg) == "frozen_bn" else nn.BatchNorm2d
 
 
 def _trainable_layers(cfg: ModelConfig) -> int:
@@ -264,7 +316,7 @@ def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: Stora
                      ) -> tuple[BackboneWithFPN, int]:
     resnet = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
-        load_weights(resnet, cfg.backbone_weights, cfg.weights_strict, store)
+        load_weights(resnet, cfg.backbone_weights, cfg.weights_strict, store, key="model.backbone_weights")
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: _trainable_layers(cfg)]
     if _trainable_layers(cfg) == 5:
         trainable.append("bn1")
@@ -281,7 +333,7 @@ def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: St
                         ) -> tuple[BackboneWithFPN, int]:
     mobilenet = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
-        load_weights(mobilenet, cfg.backbone_weights, cfg.weights_strict, store)
+        load_weights(mobilenet, cfg.backbone_weights, cfg.weights_strict, store, key="model.backbone_weights")
     features = mobilenet.features
     stages = [0] + [i for i, block in enumerate(features) if getattr(block, "_is_cn", False)] + [len(features) - 1]
     freeze_before = stages[len(stages) - _trainable_layers(cfg)] if _trainable_layers(cfg) < len(stages) else 0
