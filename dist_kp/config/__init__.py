@@ -209,7 +209,8 @@ class TrainConfig(Section):
         "fp32", description="fp32; bf16: autocast, no GradScaler (A100/H100, CPU); fp16: autocast with GradScaler "
         "(V100/T4; CUDA only). Training and evaluation alike."
     )
-    log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records.")
+    log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records; the last "
+                           "step of every epoch and of the run is logged too.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available (NCCL), else cpu (gloo)."
     )
