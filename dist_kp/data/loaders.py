@@ -52,6 +52,7 @@ def build_train_loader(
             f"{index.source}: fewer training images than the {world_size} processes after filtering "
             f"({training_filter(index, cfg.data.min_visible_keypoints).describe()})"
         )
+    dataset.check_images_present("data.train_images")  # a wrong folder: one error, not a warning per image
     sampler = GroupedDistributedBatchSampler(
         dataset.aspect_ratios, cfg.train.batch_size, num_replicas=world_size, rank=rank,
         seed=cfg.train.seed, group_factor=cfg.data.aspect_ratio_group_factor,
