@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dist_kp.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="dist-kp predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="final weights file: local path or fsspec URL")
     parser.add_argument("--images", required=True, nargs="+", help="image files and folders (paths or URLs)")
