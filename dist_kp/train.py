@@ -1,7 +1,7 @@
 """Train Keypoint R-CNN, alone or as one worker of torchrun / srun.
 
 usage:
-  python -m dist_kp.train --config CONFIG.yaml [section.key=value ...]
+  dist-kp train --config CONFIG.yaml [section.key=value ...]     (python -m dist_kp.train: the same)
   torchrun --nproc_per_node=4 -m dist_kp.train --config CONFIG.yaml [section.key=value ...]
 
 Overrides are dotted keys with YAML values, e.g. optim.lr=0.01 train.epochs=2
