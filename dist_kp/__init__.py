@@ -1,7 +1,7 @@
 """dist_kp: distributed training of torchvision's Keypoint R-CNN (DDP, SLURM, object-store checkpoints, W&B).
 
-Commands sit at the top (`python -m dist_kp.train`, `evaluate`, `predict`, `report`, `export`, and
-`dist-kp COMMAND`); the library lives in one folder per layer, data flowing down:
+Commands sit at the top (`python -m dist_kp.train`, `evaluate`, `predict`, `report`, `export`,
+`submit`, and `dist-kp COMMAND`); the library lives in one folder per layer, data flowing down:
 
     config/       run configuration (pydantic), packaged configs, secrets, the reference table
     storage/      fsspec access with bounded requests (one Storage value, passed), the run folder

@@ -44,7 +44,7 @@ log = logging.getLogger("dist_kp.evaluate")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dist_kp.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="dist-kp evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("evaluate a model on the config's validation set")
     model.add_argument("--config", help="YAML config: its data and eval sections are used; its model section must "

@@ -173,7 +173,7 @@ def export(weights: str, out: str, fmt: str = "onnx", size: tuple[int, int] | No
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dist_kp.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="dist-kp export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="OUTPUT_DIR/model_final.pt, model_best.pt or a checkpoint "
                         "(checkpoints/step_N or its state.pt): local path or fsspec URL")

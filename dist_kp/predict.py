@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dist_kp.predict", description=__doc__,
+    parser = argparse.ArgumentParser(prog="dist-kp predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="model_final.pt, model_best.pt or a checkpoint (checkpoints/"
                         "step_N or its state.pt): local path or fsspec URL")

@@ -216,7 +216,7 @@ def write_report(output_dir: str, out: str | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     # Not distributed.setup_logging: that imports torch, which a report does not need.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m dist_kp.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="dist-kp report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="the run's output_dir (local path or fsspec URL)")
     parser.add_argument("--out", help="where the PNG files go (default: OUTPUT_DIR/report)")

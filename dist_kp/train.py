@@ -1,7 +1,7 @@
 """Train Keypoint R-CNN, alone or as one worker of torchrun / srun.
 
 usage:
-  python -m dist_kp.train --config CONFIG.yaml [section.key=value ...]
+  dist-kp train --config CONFIG.yaml [section.key=value ...]     (python -m dist_kp.train: the same)
   torchrun --nproc_per_node=4 -m dist_kp.train --config CONFIG.yaml [section.key=value ...]
 
 Overrides are dotted keys with YAML values, e.g. optim.lr=0.01 train.epochs=2
@@ -51,7 +51,7 @@ from dist_kp.engine.hooks import (
     user_hooks,
 )
 from dist_kp.engine.run_state import ResumeError, RunState, versions
-from dist_kp.engine.schedule import apply_optim_config, build_optimizer, build_scheduler
+from dist_kp.engine.schedule import apply_optim_config, batch_scaling, build_optimizer, build_scheduler
 from dist_kp.engine.trainer import Trainer
 from dist_kp.evaluation.backends import METRIC_NAMES
 from dist_kp.evaluation.evaluator import Evaluator
@@ -68,7 +68,7 @@ log = logging.getLogger("dist_kp.train")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m dist_kp.train",
+        prog="dist-kp train",
         description=__doc__,
         epilog="config sections:\n" + sections_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -214,6 +214,8 @@ def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preempt
     evaluation = ([EvaluationHook(cfg.eval, Evaluator(cfg, evaluation_index, folder, info.device))]
                   if evaluation_index is not None else [])
     trainer = build_trainer(cfg, index, flips, info, folder.storage)
+    if info.is_main:
+        log.info("%s", batch_scaling(cfg, info.world_size))
     # The weights files record the pairs trained with: an export's flip_permutation follows them.
     meta = dataclasses.replace(index.meta, flip_pairs=[list(pair) for pair in flips.pairs]).to_dict()
     own_hooks = build_hooks(cfg, folder, meta)

@@ -1,8 +1,8 @@
 #!/bin/bash
 # dist_kp training on SLURM: one task (worker process) per GPU, started by srun.
 #
-#   sbatch slurm/train_8gpu.sh configs/coco_kp_r50_fpn.yaml optim.lr=0.01
-#   sbatch --nodes=4 slurm/train_8gpu.sh configs/coco_kp_r50_fpn.yaml optim.lr=0.08
+#   sbatch slurm/train_8gpu.sh configs/coco_kp_r50_fpn.yaml data.root=/datasets/coco
+#   sbatch --nodes=4 slurm/train_8gpu.sh configs/coco_kp_r50_fpn.yaml optim.lr=0.08 schedule.warmup_iters=250
 #   CONFIG=configs/coco_kp_r50_fpn.yaml OVERRIDES="train.epochs=2" sbatch slurm/train_8gpu.sh
 #
 # Preemption: SLURM sends SIGUSR1 to every worker 120 s before the time limit (or on
@@ -17,6 +17,7 @@
 #              to the srun line (pyxis/enroot; --container-env lets this script's values win over the image's),
 #              or prefix the python command with `apptainer exec --nv dist_kp.sif` (see docker/README.md)
 #   PYTHON:    the interpreter of the environment with dist_kp installed (default: python3 on PATH)
+# CPUs: 10 per GPU task: the COCO config's 8 data-loader workers (train.workers) and 2 OpenMP threads.
 #SBATCH --job-name=dist_kp
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

@@ -154,3 +154,38 @@ def test_fewer_training_images_than_processes_is_refused_counting_each_dropped_i
                                          r"kept; dropped: 1 without person annotations, 1 with only crowd"):
         build_train_loader(cfg, index, rank=0, world_size=2, device=torch.device("cpu"),
                            storage=Storage.from_config(cfg.storage))
+
+
+def test_a_wrong_training_image_folder_is_one_error_naming_the_folder_and_the_missing_count(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root, _ = small_set(tmp_path, train=6)
+    cfg = load_config(TINY_CONFIG, tiny_overrides(root, tmp_path / "run", "data.train_images=train2017_typo",
+                                                  f"data.cache_dir={tmp_path / 'cache'}"))
+    store = Storage.from_config(cfg.storage)
+    index = train_index(cfg, store)
+    kept = len(KeypointDataset(index, str(root / "train2017"), store, train=True,
+                               min_visible_keypoints=cfg.data.min_visible_keypoints))
+    first = ", ".join(index.file_names[i] for i in range(3))
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError) as refused:
+        build_train_loader(cfg, index, rank=0, world_size=1, device=torch.device("cpu"), storage=store)
+    assert str(refused.value).startswith(
+        f"data.train_images={root}/train2017_typo: {kept} of {kept} training images listed in {index.source} are "
+        f"missing (first: {first}, ...); point data.train_images (relative to data.root) at the folder")
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # no warning per image before it
+
+
+def test_a_few_missing_training_images_are_warned_about_once_and_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root, _ = small_set(tmp_path, train=6)
+    cfg = load_config(TINY_CONFIG, tiny_overrides(root, tmp_path / "run", f"data.cache_dir={tmp_path / 'cache'}",
+                                                  "train.workers=0", "data.min_visible_keypoints=0"))
+    store = Storage.from_config(cfg.storage)
+    index = train_index(cfg, store)
+    gone = index.file_names[0]
+    (root / "train2017" / gone).unlink()
+    with caplog.at_level(logging.WARNING):
+        loader, _ = build_train_loader(cfg, index, rank=0, world_size=1, device=torch.device("cpu"), storage=store)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"data.train_images={root}/train2017: 1 of 6 training images listed in {index.source} are missing "
+        f"(first: {gone}); training skips them"]
+    assert sum(skipped for _, _, skipped in loader) == 1

@@ -285,7 +285,8 @@ def test_dockerignore_lets_in_only_what_the_image_needs() -> None:
         assert (REPO / path).exists() and not dockerignored(path, patterns), f"{path} is needed by the build"
     for path in (".env", "docker/.env", ".aws/credentials", ".netrc", "key.pem", ".venv/bin/python", ".git/config",
                  "runs/demo/model_final.pt", "data/coco/train2017/1.jpg", "wandb/settings", "tests/conftest.py",
-                 "dist_kp/__pycache__/train.cpython-311.pyc", "shared/notes.md"):
+                 "dist_kp/__pycache__/train.cpython-311.pyc", "shared/notes.md",
+                 "launch/demo.sh"):
         assert dockerignored(path, patterns), f"{path} would enter the build context"
 
 
@@ -298,7 +299,7 @@ def test_apptainer_definition_bootstraps_from_the_same_image_with_the_same_insta
     assert [positional(a) for a in pip_installs(post)] == [positional(a) for a in pip_installs(docker_run)]
     assert "--no-deps" not in post
     copied = {line.split()[0] for line in sections["files"]}
-    assert {"pyproject.toml", "README.md", "dist_kp", "launch", "configs"} <= copied
+    assert {"pyproject.toml", "README.md", "dist_kp", "configs"} <= copied
     exported = {}
     for line in sections["environment"]:
         name, _, value = line.removeprefix("export ").partition("=")

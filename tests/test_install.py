@@ -7,10 +7,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
+from dist_kp import cli
 from tests.conftest import REPO, child_env
 
 
@@ -70,6 +72,48 @@ def test_dist_kp_train_help_is_the_train_modules_help(installed: Path, tmp_path:
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "--config" in result.stdout and "config sections:" in result.stdout
+    assert result.stdout.startswith("usage: dist-kp train ")
+
+
+def test_the_installed_dist_kp_says_its_version(installed: Path, tmp_path: Path) -> None:
+    result = subprocess.run([installed / "bin" / "dist-kp", "--version"], cwd=tmp_path, env=child_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stdout) == (0, "dist-kp 0.1.0\n"), result.stderr
+
+
+def test_the_wheel_installs_the_dist_kp_package_alone_no_top_level_launch(installed: Path) -> None:
+    site = Path(subprocess.run([installed / "bin" / "python", "-c",
+                                "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    record = next(site.glob("dist_kp-*.dist-info")) / "RECORD"
+    top_level = {line.split(",")[0].split("/")[0] for line in record.read_text().splitlines()}
+    assert {name for name in top_level if not name.startswith(("dist_kp-", ".."))} == {"dist_kp"}, top_level
+    assert not (site / "launch").exists()
+    assert (site / "dist_kp" / "submit.py").is_file()  # the submitit launcher: dist-kp submit
+
+
+def test_dist_kp_version_prints_the_version_of_the_installed_distribution(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"dist-kp {metadata.version('dist_kp')}\n"
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_commands_help_names_it_as_a_dist_kp_command(command: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: dist-kp {command} ")
+
+
+def test_submit_help_shows_the_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["submit", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 1)", "(default: 8)", "(default: 10)", "(default: 2880)", "(default: 120)",
+                    "(default: dist_kp)", "(default: OUTPUT_DIR/submitit;"):
+        assert default in shown, default
 
 
 def test_the_installed_package_loads_its_own_configs_by_name_and_carries_the_license(

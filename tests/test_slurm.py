@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_kp.storage.run_folder import names_a_run_file
 from tests.conftest import (
     REPO,
     TINY_CONFIG,
@@ -111,7 +112,7 @@ def test_preempted_job_saves_requeues_resumes_and_ends_identical(slurm, uninterr
 def test_submitit_job_completes_on_the_cluster_through_a_preemption(slurm, uninterrupted, synthetic_root: Path,
                                                                     tmp_path: Path) -> None:
     out = tmp_path / "run"
-    launcher = subprocess.Popen(module_command("launch.submit", [
+    launcher = subprocess.Popen(module_command("dist_kp.submit", [
         "--config", str(TINY_CONFIG), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
         "--cpus-per-task", "1", "--time", "20", "--logs", str(tmp_path / "logs"), "--wait",
         *tiny_overrides(synthetic_root, out, *TRAIN, "eval.at_end=false")]), cwd=REPO, env=child_env(**slurm.env),
@@ -138,17 +139,26 @@ def test_submitit_job_completes_on_the_cluster_through_a_preemption(slurm, unint
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_submit_local_runs_the_training_in_a_local_process(synthetic_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    result = check(run_module("launch.submit", [
-        "--config", str(TINY_CONFIG), "--local", "--wait", "--logs", str(tmp_path / "logs"),
-        *tiny_overrides(synthetic_root, out, "train.max_steps=2", "train.workers=0", "eval.at_end=false")]))
-    assert re.search(r"submitted job \d+", result.stderr) and "completed" in result.stderr
+def test_submit_local_runs_the_training_in_a_local_process_and_keeps_its_logs_in_the_output_dir(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    out, cwd = tmp_path / "run", tmp_path / "cwd"
+    cwd.mkdir()
+    result = check(subprocess.run(module_command("dist_kp.submit", [
+        "--config", str(TINY_CONFIG), "--local", "--wait",
+        *tiny_overrides(synthetic_root, out, "train.max_steps=2", "train.workers=0", "eval.at_end=false")]),
+        cwd=cwd, env=child_env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600))
+    job_id = re.search(r"submitted job (\d+)", result.stderr).group(1)
+    assert "completed" in result.stderr
     assert (out / "model_final.pt").exists()
+    assert list(cwd.iterdir()) == []  # no submitit_logs/ (nor a folder named %j) where the command ran
+    assert (out / "submitit" / f"{job_id}_0_log.err").exists()
+    assert not any("%" in p.name for p in out.rglob("*"))
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert [f for f in files if not names_a_run_file(f)] == []  # the run folder names submitit/ too
 
 
 def test_submitit_invalid_partition_is_a_clear_error(slurm, tmp_path: Path) -> None:
-    result = run_module("launch.submit", ["--config", str(TINY_CONFIG), "--partition", "no-such-partition",
+    result = run_module("dist_kp.submit", ["--config", str(TINY_CONFIG), "--partition", "no-such-partition",
                                           "--logs", str(tmp_path / "logs")], env=child_env(**slurm.env))
     assert result.returncode == 2
     assert "submission refused" in result.stderr and "partition" in result.stderr.lower()

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from dist_kp.distributed import LaunchError, cuda_device_index, launcher_ranks
-from launch.submit import export_worker_environment
+from dist_kp.submit import export_worker_environment
 
 GPUS_PER_NODE = 8
 ALL_GPUS = ",".join(map(str, range(GPUS_PER_NODE)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from dist_kp.model.keypoint_rcnn import build_model
 from dist_kp.model.precision import grad_scaler
 from dist_kp.storage import Storage
 from dist_kp.storage.run_folder import RunFolder
+from dist_kp.tracking.metrics_file import MetricsFile
+from dist_kp.tracking.wandb_run import Tracker
 from dist_kp.train import check_watched_metrics
 from tests.conftest import TINY_CONFIG, tiny_overrides
 
@@ -87,6 +90,28 @@ def test_a_trainer_built_in_process_trains_its_steps_and_calls_every_hook_in_ord
     assert trainer.progress.to_dict() == {"epoch": 1, "batch": 1, "step": 3} and trainer.finished
     assert math.isfinite(trainer.log_record["train/loss"]) and trainer.log_record["step"] == 3
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_the_last_step_is_logged_and_recorded_when_max_steps_is_not_a_multiple_of_log_every(
+    small_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    overrides = ("train.batch_size=2", "train.log_every=5")  # 8 steps per epoch
+    trainer = build_trainer(small_root, out, *overrides, "train.max_steps=4")
+    cfg = load_config(TINY_CONFIG, tiny_overrides(small_root, out, *overrides))
+    trainer.register(Tracker(cfg, MetricsFile(RunFolder(str(out)))))
+    with caplog.at_level(logging.INFO, "dist_kp.engine.trainer"):
+        trainer.train()
+    assert trainer.steps_per_epoch == 8
+    assert [r["step"] for r in MetricsFile(RunFolder(str(out))).records] == [4]
+    assert "epoch 0 [4/8] step 4 " in caplog.text  # the progress line of the smoke run's only logged step
+    # Resumed on to step 7: step 5 is a logged step, then the new last one; no step twice.
+    resumed = build_trainer(small_root, out, *overrides, "train.max_steps=7")
+    resumed.progress.load_state_dict(trainer.progress.state_dict())
+    resumed.register(Tracker(cfg, MetricsFile(RunFolder(str(out)))))
+    resumed.train()
+    assert [r["step"] for r in MetricsFile(RunFolder(str(out))).records] == [4, 5, 7]
 
 
 def test_early_stop_stops_after_patience_evaluations_without_improvement_and_its_count_survives_resume(

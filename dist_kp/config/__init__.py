@@ -211,7 +211,7 @@ class ModelConfig(Section):
 
 
 class OptimConfig(Section):
-    """SGD optimizer. lr is for the total batch of the recipe; scale it linearly with the total batch."""
+    """SGD optimizer. lr is for the total batch; k times the recipe's batch: lr x k and schedule.warmup_iters / k."""
 
     lr: float = Field(0.02, gt=0.0, description="Base learning rate for the total batch (0.02 for 16 images).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
@@ -225,7 +225,8 @@ class ScheduleConfig(Section):
     name: Literal["multistep", "cosine"] = Field("multistep", description="multistep (milestones, gamma) or cosine to 0.")
     milestones: list[int] = Field([36, 43], description="Epochs at which lr is multiplied by gamma (multistep).")
     gamma: float = Field(0.1, gt=0.0, le=1.0, description="lr factor at each milestone.")
-    warmup_iters: int = Field(1000, ge=0, description="Iterations of linear warmup (0: none).")
+    warmup_iters: int = Field(1000, ge=0, description="Optimizer steps of linear warmup (0: none); k times the "
+                              "recipe's total batch: 1/k of them, the same images (1000 at 16 images per step).")
     warmup_factor: float = Field(0.001, gt=0.0, le=1.0, description="lr factor at the first iteration of warmup.")
 
 
@@ -249,7 +250,8 @@ class TrainConfig(Section):
         "fp32", description="fp32; bf16: autocast, no GradScaler (A100/H100, CPU); fp16: autocast with GradScaler "
         "(V100/T4; CUDA only). Training and evaluation alike."
     )
-    log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records.")
+    log_every: int = Field(20, ge=1, description="Steps between progress log lines and metrics records; the last "
+                           "step of every epoch and of the run is logged too.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available (NCCL), else cpu (gloo)."
     )

@@ -164,6 +164,30 @@ def read_image(url: str, storage: Storage) -> torch.Tensor:
     return image
 
 
+# Training images looked up one by one at start; the folder is listed (to count) only when one is missing.
+IMAGES_CHECKED_AT_START = 16
+# Names shown in the message about missing images.
+MISSING_SHOWN = 3
+
+
+def missing_image_files(image_root: str, names: Sequence[str], storage: Storage) -> list[str]:
+    """The names with no file under `image_root`, in order: one listing of each folder they lie in."""
+    fs, root = storage.url_to_fs(image_root)
+    by_folder: dict[str, list[str]] = {}
+    for name in names:
+        by_folder.setdefault(posixpath.dirname(name), []).append(name)
+    missing: set[str] = set()
+    with storage.named_errors(image_root):
+        for folder, in_folder in by_folder.items():
+            try:
+                listed = fs.ls(posixpath.join(root, folder) if folder else root, detail=False)
+            except (FileNotFoundError, NotADirectoryError):
+                listed = []
+            present = {posixpath.basename(path.rstrip("/")) for path in listed}
+            missing.update(name for name in in_folder if posixpath.basename(name) not in present)
+    return [name for name in names if name in missing]
+
+
 class SampleKey(NamedTuple):
     """What the batch sampler hands the dataset: the sample and the epoch it is drawn in."""
 
@@ -182,7 +206,7 @@ class KeypointDataset(torch.utils.data.Dataset):
 
     Refused at construction: file names that leave the image folder, and a training set that
     filtering leaves empty (the message counts each reason). Warned about: visible keypoints
-    outside their image. Images are read through `storage`, which is pickled with the dataset
+    outside their image. `check_images_present` refuses a folder that lacks most of the images. Images are read through `storage`, which is pickled with the dataset
     into loader workers.
     """
 
@@ -224,6 +248,30 @@ class KeypointDataset(torch.utils.data.Dataset):
                     "id=%d of image id=%d (%dx%d): %s at (%g, %g)", self.index.source, len(rows),
                     len(np.unique(rows)), int(self.index.ann_ids[row]), int(self.index.image_ids[i]),
                     int(self.index.widths[i]), int(self.index.heights[i]), self.index.meta.keypoint_names[k], x, y)
+
+    def check_images_present(self, option: str) -> None:
+        """Refuse, in one error, a training image folder that lacks most of the images of the annotations.
+
+        The first IMAGES_CHECKED_AT_START images are looked up; only when one of them is missing is
+        the folder listed to count them. More than half missing is the wrong folder: refused, naming
+        `option` (the config key of the folder), the folder, the count and the first names. Fewer are
+        warned about once; training skips each when its turn comes.
+        """
+        fs, root = self.storage.url_to_fs(self.image_root)
+        first = [self.index.file_names[int(i)] for i in self.positions[:IMAGES_CHECKED_AT_START]]
+        with self.storage.named_errors(self.image_root):
+            if all(fs.exists(f"{root}/{name}") for name in first):
+                return
+        names = [self.index.file_names[int(i)] for i in self.positions]
+        missing = missing_image_files(self.image_root, names, self.storage)
+        if not missing:
+            return
+        shown = ", ".join(missing[:MISSING_SHOWN]) + (", ..." if len(missing) > MISSING_SHOWN else "")
+        message = (f"{option}={self.image_root}: {len(missing)} of {len(names)} training images listed in "
+                   f"{self.index.source} are missing (first: {shown})")
+        if 2 * len(missing) > len(names):
+            raise DataError(f"{message}; point {option} (relative to data.root) at the folder that holds them")
+        log.warning("%s; training skips them", message)
 
     def __len__(self) -> int:
         return len(self.positions)

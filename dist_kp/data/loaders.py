@@ -83,6 +83,7 @@ def build_train_loader(
             f"round(10 * {keypoints} / 17))")
         log.info("%s: training drops %d of %d images: %s%s", index.source, len(index) - len(dataset), len(index),
                  training_filter(index, minimum).reasons(), origin)
+    dataset.check_images_present("data.train_images")  # a wrong folder: one error, not a warning per image
     sampler = GroupedDistributedBatchSampler(
         dataset.aspect_ratios, cfg.train.batch_size, num_replicas=world_size, rank=rank,
         seed=cfg.train.seed, group_factor=cfg.data.aspect_ratio_group_factor,

@@ -1,6 +1,7 @@
 """Generate a synthetic COCO person-keypoints dataset with real JPEG files.
 
-    python -m dist_kp.data.synthetic --out data/synthetic --train 200 --val 40 --seed 0
+    dist-kp synthetic --out data/synthetic --train 200 --val 40 --seed 0
+    (or python -m dist_kp.data.synthetic ...)
 
 Each image holds 1-3 drawn people: the 17 COCO keypoints joined by the COCO skeleton
 (limbs as thick lines, head as an ellipse) in varied pose, scale, colour and position.
@@ -14,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,19 +166,21 @@ def generate(out: str | Path, train: int, val: int, seed: int = 0, edge_cases: b
     return root
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dist-kp synthetic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="dataset root to write (COCO layout)")
-    parser.add_argument("--train", type=int, default=200, help="training images")
-    parser.add_argument("--val", type=int, default=40, help="validation images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=int, default=200, help="training images (default: %(default)s)")
+    parser.add_argument("--val", type=int, default=40, help="validation images (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--edge-cases", action="store_true",
                         help="add crowd, keypoint-less and zero-area annotations to every 4th image")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     root = generate(args.out, args.train, args.val, args.seed, args.edge_cases)
     log.info("wrote %d train and %d val images under %s", args.train, args.val, root)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

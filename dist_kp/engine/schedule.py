@@ -38,6 +38,16 @@ def lr_factor(step: int, schedule: ScheduleConfig, steps_per_epoch: int, total_s
     return factor * 0.5 * (1 + math.cos(math.pi * min(float(epochs_done / epochs), 1.0)))
 
 
+def batch_scaling(cfg: Config, world_size: int) -> str:
+    """The two numbers the linear scaling rule keeps (README "Learning rate and batch size"), for the start's log:
+    the lr per image of the total batch and the warmup's length in images."""
+    batch = cfg.train.batch_size * world_size
+    warmup = cfg.schedule.warmup_iters
+    return (f"total batch {batch} ({world_size} process{'es' if world_size > 1 else ''} x {cfg.train.batch_size} "
+            f"images): optim.lr {cfg.optim.lr:g} = {cfg.optim.lr / batch:.4g} per image, schedule.warmup_iters "
+            f"{warmup} = {warmup * batch:,} images; for another total batch keep both (lr x k, warmup_iters / k)")
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)

@@ -228,7 +228,8 @@ class Trainer:
             for name, value in reduced.items():
                 meters.setdefault(name, SmoothedValue()).update(value)
             step_time.update(time.perf_counter() - end)
-            logged = self.progress.step % self.cfg.log_every == 0 or self.epoch_complete
+            # An epoch's and the run's last step are always logged: a smoke run shorter than log_every logs too.
+            logged = self.progress.step % self.cfg.log_every == 0 or self.epoch_complete or self.finished
             self.log_record = self._log_step(meters, data_time, step_time, skipped_total) if logged else None
             self.emit("after_step")
             if self.stop_reason is not None or self.finished:

@@ -12,6 +12,7 @@
       model_best.pt                the same, of the best evaluation so far (checkpoint.keep_best)
       report/                      PNG plots: losses, lr, throughput, ap, predictions (report)
       tensorboard/                 TensorBoard event files, events.out.tfevents.* (tracking.tensorboard, rank 0)
+      submitit/                    submitit's logs and pickles of `dist-kp submit` (SLURM: one folder per job)
 
 Every write goes through the storage's whole-or-nothing writer, except metrics.jsonl on a local
 disk, which is appended line by line (a cut last line is dropped when it is read).
@@ -37,6 +38,7 @@ CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 REPORT = "report"
 TENSORBOARD = "tensorboard"
+SUBMITIT = "submitit"
 
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_MANIFEST = "manifest.json"
@@ -59,6 +61,7 @@ _KNOWN = [
     rf"{EVAL}/{_EVAL_NAME.pattern}/({'|'.join(map(re.escape, (EVAL_RESULTS, EVAL_METRICS, EVAL_PICTURES)))})",
     rf"{REPORT}/[a-z_]+\.png",  # the plots of dist_kp.report, and the newest predictions.png
     rf"{TENSORBOARD}/events\.out\.tfevents\.[^/]+",  # one file per writer: <time>.<host>.<pid>.<n>
+    rf"{SUBMITIT}/(\d+/)?[^/]+",  # submitit names them: <job>_submitted.pkl, <job>_<task>_log.out, ...
 ]
 
 
@@ -189,6 +192,10 @@ class RunFolder:
     @property
     def tensorboard(self) -> str:
         return self.join(TENSORBOARD)
+
+    @property
+    def submitit(self) -> str:
+        return self.join(SUBMITIT)
 
     def write(self, url: str, data: bytes | memoryview) -> None:
         """Store a file of this run whole or not at all (errors name the URL)."""
