@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from dist_kp.config import DataConfig, load_config
 from dist_kp.data.coco import min_visible_for_skeleton
@@ -71,6 +72,9 @@ def test_a_minimum_that_followed_the_skeleton_says_so_when_it_drops_images(
     cfg = load_config(TINY_CONFIG, tiny_overrides(tmp_path, tmp_path / "run", "data.min_visible_keypoints=null",
                                                   "train.batch_size=1"))
     index = index_from_coco(HAND_MADE, "hand.json")  # 4 images of 17 keypoints: 1 kept at 10
+    (tmp_path / "train2017").mkdir()
+    for image in HAND_MADE["images"]:  # the loader checks at start that the images are there
+        Image.new("RGB", (image["width"], image["height"])).save(tmp_path / "train2017" / image["file_name"])
     with caplog.at_level(logging.INFO, "dist_kp.data.loaders"):
         build_train_loader(cfg, index, 0, 1, CPU, Storage())
     assert ("hand.json: training drops 3 of 4 images: 1 without person annotations, 1 with only crowd annotations, "
