@@ -206,8 +206,8 @@ class KeypointDataset(torch.utils.data.Dataset):
 
     Refused at construction: file names that leave the image folder, and a training set that
     filtering leaves empty (the message counts each reason). Warned about: visible keypoints
-    outside their image. `check_images_present` refuses a folder that lacks most of the images. Images are read through `storage`, which is pickled with the dataset
-    into loader workers.
+    outside their image. `check_images_present` refuses a folder that lacks most of the images.
+    Images are read through `storage`, which is pickled with the dataset into loader workers.
     """
 
     def __init__(
