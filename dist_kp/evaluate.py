@@ -29,15 +29,13 @@ from typing import Any
 
 import orjson
 
-from dist_kp import distributed, storage
+from dist_kp import storage
 from dist_kp.config import ConfigError, load_config
 from dist_kp.data.index import DataError, load_index
-from dist_kp.data.loaders import val_index
 from dist_kp.evaluation.backends import BACKENDS, KEYPOINT_AREAS
-from dist_kp.evaluation.evaluator import Evaluator, evaluate_results
 from dist_kp.evaluation.results import EvaluationError, check_results, ground_truth
-from dist_kp.model.keypoint_rcnn import WeightsError, read_weights_file
-from dist_kp.model.trained import trained_model
+from dist_kp.evaluation.results_file import evaluate_results
+from dist_kp.model.errors import WeightsError
 from dist_kp.storage.run_folder import RunFolder
 
 log = logging.getLogger("dist_kp.evaluate")
@@ -108,6 +106,8 @@ def output_folder(args: argparse.Namespace, store: storage.Storage) -> str:
 
 
 def evaluate_file(args: argparse.Namespace) -> None:
+    # Not distributed.setup_logging: that imports torch, which a results file's evaluation never needs.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = storage.Storage()  # no config here: default options, credentials from the environment
     folder = output_folder(args, store)
     index = load_index(args.annotations, store)
@@ -125,30 +125,38 @@ def evaluate_file(args: argparse.Namespace) -> None:
 
 
 def evaluate_weights(args: argparse.Namespace) -> None:
+    # Imported here: they import torch (seconds and a GB), which evaluate_file does without.
+    from dist_kp import distributed
+    from dist_kp.data.loaders import val_index
+    from dist_kp.evaluation.evaluator import Evaluator
+    from dist_kp.model.keypoint_rcnn import read_weights_file
+    from dist_kp.model.trained import trained_model
+
+    distributed.setup_logging()
     overrides = list(args.overrides)
     if args.backend:
         overrides.append(f"eval.backend={args.backend}")
     if args.sigmas:
         overrides.append(f"eval.sigmas={list(args.sigmas)}")
-    cfg = load_config(args.config, overrides)
-    info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
-    store = storage.Storage.from_config(cfg.storage)
-    index = val_index(cfg, store)
-    model = trained_model(read_weights_file(args.weights, store), cfg.model, index.meta.keypoint_names).model
-    model.to(info.device)
-    Evaluator(cfg, index, RunFolder(cfg.output_dir, store), info.device).run(model, step=0)
+    try:
+        cfg = load_config(args.config, overrides)
+        info = distributed.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)
+        store = storage.Storage.from_config(cfg.storage)
+        index = val_index(cfg, store)
+        model = trained_model(read_weights_file(args.weights, store), cfg.model, index.meta.keypoint_names).model
+        model.to(info.device)
+        Evaluator(cfg, index, RunFolder(cfg.output_dir, store), info.device).run(model, step=0)
+    finally:
+        distributed.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
-    distributed.setup_logging()
     args = parse_args(argv)
     try:
         evaluate_file(args) if args.results else evaluate_weights(args)
     except (ConfigError, DataError, EvaluationError, WeightsError) as error:
         log.error("%s", error)
         return 2
-    finally:
-        distributed.cleanup()
     return 0
 
 

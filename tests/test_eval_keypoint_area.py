@@ -17,8 +17,8 @@ from dist_kp.data.index import load_index
 from dist_kp.storage import Storage
 from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, COCO_SKELETON
 from dist_kp.evaluation.backends import STAT_NAMES, metrics_dict
-from dist_kp.evaluation.evaluator import evaluate_results
 from dist_kp.evaluation.results import ground_truth
+from dist_kp.evaluation.results_file import evaluate_results
 from tests.conftest import check, run_module
 from tests.test_evaluation import assert_close, pycocotools_direct, sharded
 

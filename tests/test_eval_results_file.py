@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import run_module
+from tests.conftest import REPO, child_env, run_module
 
 
 def val_json(root: Path) -> Path:
@@ -30,6 +33,42 @@ def evaluate(root: Path, results_path: Path) -> tuple[int, str]:
     result = run_module("dist_kp.evaluate", ["--annotations", str(val_json(root)), "--results", str(results_path),
                                              "--out", str(results_path.parent / "out")])
     return result.returncode, result.stderr
+
+
+# `python -m dist_kp.evaluate ARGS`, then the names of torch's packages that the process imported.
+IMPORTS_PROBE = """
+import runpy, sys
+try:
+    runpy.run_module("dist_kp.evaluate", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    status = exit.code
+print(status, [name for name in ("torch", "torchvision") if name in sys.modules])
+"""
+
+
+@pytest.mark.parametrize("backend", ["faster_coco_eval", "pycocotools"])
+def test_a_results_file_is_evaluated_without_importing_torch(synthetic_root: Path, tmp_path: Path,
+                                                             backend: str) -> None:
+    from dist_kp.data.index import load_index
+    from dist_kp.evaluation.results import ground_truth
+    from dist_kp.evaluation.results_file import evaluate_results
+    from dist_kp.storage import Storage
+
+    rng = np.random.default_rng(0)
+    moved = [(np.asarray(r["keypoints"]).reshape(-1, 3) + rng.normal(0, 4, (17, 3)) * [1, 1, 0]).round(2)
+             for r in good_results(synthetic_root)]  # x and y moved, visibility kept: AP strictly in (0, 1)
+    records = [dict(r, keypoints=kps.reshape(-1).tolist(), score=round(float(rng.uniform(0.1, 1)), 4))
+               for r, kps in zip(good_results(synthetic_root), moved)]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(records))
+    probe = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, "--annotations", str(val_json(synthetic_root)),
+                            "--results", str(path), "--backend", backend], cwd=REPO, env=child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert probe.stdout.split("\n")[-2] == "0 []", probe.stdout[-2000:] + probe.stderr[-3000:]
+    index = load_index(str(val_json(synthetic_root)), Storage())
+    expected = evaluate_results(ground_truth(index), records, backend, None).metrics
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written == expected and 0 < written["kp/AP"] < 1
 
 
 def spoil(records: list[dict], case: str) -> list[dict]:

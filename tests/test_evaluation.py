@@ -24,8 +24,8 @@ from dist_kp.config import ConfigError, load_config
 from dist_kp.data.index import index_from_coco, load_index
 from dist_kp.storage import Storage
 from dist_kp.evaluation.backends import STAT_NAMES, backend_for, detection_sets, metrics_dict
-from dist_kp.evaluation.evaluator import evaluate_results
 from dist_kp.evaluation.results import EvaluationError, check_sigmas, ground_truth
+from dist_kp.evaluation.results_file import evaluate_results
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
 
 

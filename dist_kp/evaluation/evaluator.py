@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from torch import nn
 
 from dist_kp import distributed
-from dist_kp.config import COCO_KEYPOINT_SIGMAS, Config
+from dist_kp.config import Config
 from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import build_eval_loader
 from dist_kp.evaluation.backends import (
@@ -24,35 +23,11 @@ from dist_kp.evaluation.backends import (
 )
 from dist_kp.evaluation.inference import predict
 from dist_kp.evaluation.results import check_sigmas, ground_truth
+from dist_kp.evaluation.results_file import EvalOutput
 from dist_kp.model.keypoint_rcnn import unwrap
 from dist_kp.storage.run_folder import EVAL_METRICS, EVAL_RESULTS, RunFolder
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalOutput:
-    """What an evaluation returns on every rank; `results` (all ranks' records) only on rank 0."""
-
-    metrics: dict[str, float]
-    results: list[dict[str, Any]] | None
-    summary: str
-
-
-def evaluate_results(
-    gt_dataset: dict[str, Any], results: list[dict[str, Any]], backend: str, sigmas: list[float] | None,
-    iou_types: tuple[str, ...] = ("keypoints", "bbox"), keypoint_area: str = "keypoints",
-) -> EvalOutput:
-    """Evaluate one complete results list in this process (used for external results files)."""
-    category = gt_dataset["categories"][0]
-    num_keypoints = len(category.get("keypoints", [])) or len(COCO_KEYPOINT_SIGMAS)
-    oks_sigmas = check_sigmas(sigmas, num_keypoints)
-    library = backend_for(backend)
-    gt = library.coco(gt_dataset)
-    dts = detection_sets(library, gt, results, iou_types, keypoint_area)
-    image_ids = sorted(gt.getImgIds())
-    stats = {t: library.merge(t, [library.match(gt, dts[t], t, oks_sigmas, image_ids)]) for t in iou_types}
-    return EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
 
 
 def evaluate_distributed(

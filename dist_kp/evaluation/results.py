@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from dist_kp.config import COCO_KEYPOINT_SIGMAS, oks_sigma_problem
 from dist_kp.data.index import KeypointIndex
+
+if TYPE_CHECKING:  # only for annotations: `evaluate --results` imports this module and must not import torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def outputs_to_results(
         return []
 
     def joined(key: str) -> np.ndarray:
-        return torch.cat([output[key].detach().cpu() for output in outputs]).double().numpy()
+        return np.concatenate([output[key].detach().cpu().double().numpy() for output in outputs])
 
     boxes, keypoints, scores = joined("boxes"), joined("keypoints"), joined("scores")
     boxes[:, 2:] -= boxes[:, :2]

@@ -30,15 +30,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dist_kp import distributed
 from dist_kp.config import ModelConfig
+from dist_kp.model.errors import WeightsError
 from dist_kp.storage import Storage
 from dist_kp.storage.run_folder import CHECKPOINT_STATE, MODEL_FINAL
 from dist_kp.storage.untrusted import load_untrusted
 
 log = logging.getLogger(__name__)
-
-
-class WeightsError(ValueError):
-    """Weights that cannot be loaded into the model; the message names the source and the keys."""
 
 
 # Fewer of the model's values than this found in a weights file (by name and shape): another architecture.
