@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from dist_kp.config import load_config
@@ -20,6 +19,7 @@ from dist_kp.model.trained import trained_model
 from dist_kp.predict import main as predict_main
 from dist_kp.train import main as train_main
 from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.test_model import offline_torch_home  # noqa: F401 - the fixture: an empty hub cache, downloads refused
 
 COCO_CONFIG = REPO / "configs" / "coco_kp_r50_fpn.yaml"
 # The COCO recipe's network with small heads and pictures, so that it evaluates in seconds on a CPU.
@@ -28,17 +28,6 @@ SMALL_HEADS = ["model.fpn_channels=32", "model.box_head_dim=128", "model.keypoin
                "model.rpn_pre_nms_top_n_test=200", "model.rpn_post_nms_top_n_test=50", "model.box_detections_per_img=20"]
 COCO_KEYPOINTS = {"category_id": 1, "keypoint_names": COCO_KEYPOINT_NAMES, "skeleton": COCO_SKELETON}
 
-
-@pytest.fixture
-def no_torchvision_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An empty torch hub cache, and any download a failure: no pretrained file is on this machine."""
-    def no_network(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"a download was attempted: {args}")
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +64,7 @@ def predict(weights: Path | str, image: Path, out: Path) -> int:
 
 
 def test_evaluate_with_the_coco_config_reads_no_backbone_file_for_a_model_trained_with_it(
-        coco_recipe_weights: Path, synthetic_root: Path, tmp_path: Path, no_torchvision_files: None,
+        coco_recipe_weights: Path, synthetic_root: Path, tmp_path: Path, offline_torch_home: Path,
         capfd: pytest.CaptureFixture) -> None:
     assert evaluate(COCO_CONFIG, coco_recipe_weights, synthetic_root, tmp_path / "eval") == 0, capfd.readouterr().err
     assert {"kp/AP", "bbox/AP"} <= json.loads((tmp_path / "eval/eval/00000000/metrics.json").read_text()).keys()
@@ -100,7 +89,7 @@ def test_a_config_model_key_that_changes_the_network_is_refused_naming_the_key_a
 
 
 def test_model_keys_that_do_not_change_the_network_are_not_used(
-        run: Path, synthetic_root: Path, tmp_path: Path, no_torchvision_files: None,
+        run: Path, synthetic_root: Path, tmp_path: Path, offline_torch_home: Path,
         capfd: pytest.CaptureFixture) -> None:
     assert evaluate(TINY_CONFIG, run / "model_final.pt", synthetic_root, tmp_path / "eval",
                     "model.backbone_weights=ResNet18_Weights.IMAGENET1K_V1", "model.weights=/nowhere/coco.pt",
