@@ -157,7 +157,7 @@ def build_trainer(cfg: Config, index: KeypointIndex, flips: FlipPairs, info: dis
                   store: storage.Storage) -> Trainer:
     """The loader, the model (DDP when there are several processes), its optimizer, schedule and scaler."""
     loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device, store, flips)
-    model = build_model(cfg.model, index.meta.num_keypoints, store).to(info.device)
+    model = build_model(cfg.model, index.meta.num_keypoints, store, index.meta.keypoint_names).to(info.device)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None

@@ -6,10 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, generate
+from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, generate, main, select_keypoints
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -51,3 +52,33 @@ def test_same_seed_gives_byte_identical_output(tmp_path: Path) -> None:
     c = tree_digest(generate(tmp_path / "c", train=6, val=2, seed=8))
     assert a == b
     assert a != c
+
+
+def test_a_keypoint_subset_keeps_the_named_keypoints_of_the_same_people_in_the_order_given(tmp_path: Path) -> None:
+    names = ["right_hip", "nose", "left_shoulder", "right_shoulder", "left_hip"]
+    assert main(["--out", str(tmp_path / "five"), "--train", "4", "--val", "2", "--edge-cases",
+                 "--keypoints", ",".join(names)]) == 0
+    full = generate(tmp_path / "full", train=4, val=2, edge_cases=True)
+    five = tree_digest(tmp_path / "five")
+    assert {k: v for k, v in five.items() if k.endswith(".jpg")} == \
+        {k: v for k, v in tree_digest(full).items() if k.endswith(".jpg")}
+    data = json.loads((tmp_path / "five/annotations/person_keypoints_train2017.json").read_text())
+    source = json.loads((full / "annotations/person_keypoints_train2017.json").read_text())
+    assert data == select_keypoints(source, names)
+    assert data["categories"][0]["keypoints"] == names
+    # COCO's limbs between kept joints (12-13, 6-12, 7-13, 6-7), numbered as given.
+    assert data["categories"][0]["skeleton"] == [[5, 1], [3, 5], [4, 1], [3, 4]]
+    for kept, original in zip(data["annotations"], source["annotations"]):
+        coco = original["keypoints"]
+        assert kept["keypoints"] == [v for name in names for v in coco[3 * COCO_KEYPOINT_NAMES.index(name):][:3]]
+        assert kept["num_keypoints"] == sum(1 for v in kept["keypoints"][2::3] if v > 0)
+
+
+def test_an_unknown_keypoint_to_keep_is_refused_naming_the_known_ones(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--out", str(tmp_path / "x"), "--train", "1", "--val", "1", "--keypoints", "nose,tail"])
+    assert exit_status.value.code == 2
+    message = capsys.readouterr().err
+    assert "--keypoints: keypoints to keep ['nose', 'tail']: give each once, from nose, left_eye," in message
+    assert not (tmp_path / "x").exists()

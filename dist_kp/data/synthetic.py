@@ -2,11 +2,14 @@
 
     dist-kp synthetic --out data/synthetic --train 200 --val 40 --seed 0
     (or python -m dist_kp.data.synthetic ...)
+    dist-kp synthetic --out data/five --keypoints nose,left_shoulder,right_shoulder,left_hip,right_hip
 
 Each image holds 1-3 drawn people: the 17 COCO keypoints joined by the COCO skeleton
 (limbs as thick lines, head as an ellipse) in varied pose, scale, colour and position.
 Keypoints outside the frame are unlabeled (0, 0, 0); some are hidden behind a grey block
 and labeled v=1. Landscape and portrait images. Same seed, byte-identical output.
+--keypoints keeps the named COCO keypoints only, in the order given (the same images): a dataset
+of another skeleton to fine-tune a 17-keypoint model on.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +133,28 @@ def _edge_case_annotations(rng: np.random.Generator, width: int, height: int) ->
     ]
 
 
+def select_keypoints(data: dict, names: Sequence[str]) -> dict:
+    """A COCO person-keypoints dataset (its JSON) with only the named keypoints, in the order given: each
+    annotation's keypoints and num_keypoints, and the skeleton's limbs between two kept keypoints."""
+    category = data["categories"][0]
+    unknown = [name for name in names if name not in category["keypoints"]]
+    if unknown or len(set(names)) != len(names) or not names:
+        raise ValueError(f"keypoints to keep {list(names)}: give each once, from {', '.join(category['keypoints'])}"
+                         + (f" ({', '.join(unknown)} not among them)" if unknown else ""))
+    keep = [category["keypoints"].index(name) for name in names]
+    new_number = {old + 1: new + 1 for new, old in enumerate(keep)}
+    skeleton = [[new_number[a], new_number[b]] for a, b in category["skeleton"] if a in new_number and b in new_number]
+    annotations = []
+    for annotation in data["annotations"]:
+        flat = annotation["keypoints"]
+        kept = [value for k in keep for value in flat[3 * k:3 * k + 3]]
+        annotations.append({**annotation, "keypoints": kept, "num_keypoints": sum(1 for v in kept[2::3] if v > 0)})
+    return {**data, "annotations": annotations,
+            "categories": [{**category, "keypoints": list(names), "skeleton": skeleton}, *data["categories"][1:]]}
+
+
 def write_split(out: Path, split: str, count: int, rng: np.random.Generator, first_id: int,
-                edge_cases: bool) -> None:
+                edge_cases: bool, keypoints: Sequence[str] | None = None) -> None:
     image_dir = out / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
@@ -154,15 +178,24 @@ def write_split(out: Path, split: str, count: int, rng: np.random.Generator, fir
         "categories": [{"id": 1, "name": "person", "supercategory": "person",
                         "keypoints": COCO_KEYPOINT_NAMES, "skeleton": COCO_SKELETON}],
     }
+    if keypoints is not None:
+        data = select_keypoints(data, keypoints)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     (out / "annotations" / f"person_keypoints_{split}2017.json").write_text(json.dumps(data))
 
 
-def generate(out: str | Path, train: int, val: int, seed: int = 0, edge_cases: bool = False) -> Path:
-    """Write train2017/, val2017/ and annotations/ under `out`; returns the root."""
+def generate(out: str | Path, train: int, val: int, seed: int = 0, edge_cases: bool = False,
+             keypoints: Sequence[str] | None = None) -> Path:
+    """Write train2017/, val2017/ and annotations/ under `out`; returns the root. keypoints: the COCO keypoints
+    to keep, in this order (None: all 17); the images are the same either way."""
     root = Path(out)
-    write_split(root, "train", train, np.random.default_rng([seed, 0]), first_id=1, edge_cases=edge_cases)
-    write_split(root, "val", val, np.random.default_rng([seed, 1]), first_id=1_000_000, edge_cases=edge_cases)
+    if keypoints is not None:  # refused before anything is written
+        select_keypoints({"annotations": [], "categories": [{"keypoints": COCO_KEYPOINT_NAMES, "skeleton": []}]},
+                         keypoints)
+    write_split(root, "train", train, np.random.default_rng([seed, 0]), first_id=1, edge_cases=edge_cases,
+                keypoints=keypoints)
+    write_split(root, "val", val, np.random.default_rng([seed, 1]), first_id=1_000_000, edge_cases=edge_cases,
+                keypoints=keypoints)
     return root
 
 
@@ -175,9 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default: %(default)s)")
     parser.add_argument("--edge-cases", action="store_true",
                         help="add crowd, keypoint-less and zero-area annotations to every 4th image")
+    parser.add_argument("--keypoints", type=lambda text: [name.strip() for name in text.split(",")],
+                        help="keep only these COCO keypoints, in this order (comma-separated names; default: all 17)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = generate(args.out, args.train, args.val, args.seed, args.edge_cases)
+    try:
+        root = generate(args.out, args.train, args.val, args.seed, args.edge_cases, args.keypoints)
+    except ValueError as error:
+        parser.error(f"--keypoints: {error}")
     log.info("wrote %d train and %d val images under %s", args.train, args.val, root)
     return 0
 

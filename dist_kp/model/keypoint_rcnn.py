@@ -3,8 +3,10 @@
 The defaults build exactly torchvision's keypointrcnn_resnet50_fpn; the options shrink it
 (backbone, FPN width, head sizes, sample counts, image size) down to the tiny CPU config.
 Weights load by name and shape, so COCO weights start a model of another skeleton
-(`model.weights_strict=true` refuses any difference); torchvision weights names are read from
-torch's hub cache and never downloaded.
+(`model.weights_strict=true` refuses any difference); where the file names its joints (a dist_kp
+model_final.pt, torchvision's COCO weights) the keypoint predictor's rows of the joints the new
+skeleton shares are copied by joint name. torchvision weights names are read from torch's hub
+cache and never downloaded.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +45,11 @@ log = logging.getLogger(__name__)
 MIN_MATCHING_FRACTION = 0.5
 # The model keys that shape the network's tensors; fine-tuning may change only the keypoint count and names.
 ARCHITECTURE_KEYS = ("backbone", "fpn_channels", "box_head_dim", "keypoint_head_layers", "keypoint_head_channels")
+# The keypoint logits of Keypoint R-CNN (a ConvTranspose2d): weight [channels, keypoints, 4, 4], bias [keypoints].
+KEYPOINT_LOGITS = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
+KEYPOINT_BIAS = "roi_heads.keypoint_predictor.kps_score_lowres.bias"
+# The keypoint dimension of each keypoint predictor tensor.
+KEYPOINT_DIM = {KEYPOINT_LOGITS: 1, KEYPOINT_BIAS: 0}
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class TorchvisionWeightsFile:
     url: str
     path: Path
     sha256_prefix: str
+    keypoint_names: tuple[str, ...] | None = None  # the meta's, for keypoint weights (COCO's 17)
 
     @classmethod
     def of(cls, name: str) -> TorchvisionWeightsFile:
@@ -61,8 +70,9 @@ class TorchvisionWeightsFile:
             raise WeightsError(f"unknown torchvision weights name {name!r}: {error}") from None
         file_name = weights.url.rsplit("/", 1)[-1]
         found = torch.hub.HASH_REGEX.search(file_name)
+        names = weights.meta.get("keypoint_names")
         return cls(str(weights), weights.url, Path(torch.hub.get_dir()) / "checkpoints" / file_name,
-                   found.group(1) if found else "")
+                   found.group(1) if found else "", tuple(names) if names else None)
 
     def missing_message(self, key: str) -> str:
         """Where to put the file, or how to give it as `key` (the config key that named it)."""
@@ -112,6 +122,12 @@ class WeightsFile:
     model_config: dict[str, Any] | None = None
     keypoints: dict[str, Any] | None = None
     checkpoint: bool = False
+
+    @property
+    def keypoint_names(self) -> list[str] | None:
+        """The joints the file's model predicts, in its order, where the file records them."""
+        names = (self.keypoints or {}).get("keypoint_names")
+        return [str(name) for name in names] if isinstance(names, list) else None
 
 
 def _open_untrusted(source: str, store: Storage) -> Any:
@@ -182,24 +198,84 @@ def read_state_dict(source: str, store: Storage | None = None, key: str = "model
     return read_weights_file(source, store).state
 
 
+@dataclass(frozen=True)
+class JointRows:
+    """The keypoint predictor's joints by name: the file's joint names and this model's.
+
+    A model joint named in the file takes the file's row of that name (heatmap deconvolution weights
+    and bias); the others keep their fresh initialisation (torchvision's: kaiming normal, bias 0).
+    """
+
+    file_names: tuple[str, ...]
+    model_names: tuple[str, ...]
+
+    @property
+    def file_rows(self) -> list[int | None]:
+        """For each model joint, its row in the file, or None (not in the file)."""
+        position = {name: i for i, name in reversed(list(enumerate(self.file_names)))}
+        return [position.get(name) for name in self.model_names]
+
+    @property
+    def copied(self) -> list[str]:
+        return [name for name, row in zip(self.model_names, self.file_rows) if row is not None]
+
+    @property
+    def initialised(self) -> list[str]:
+        return [name for name, row in zip(self.model_names, self.file_rows) if row is None]
+
+    @property
+    def reordered(self) -> bool:
+        """The shared joints come in another order than the file's."""
+        rows = [row for row in self.file_rows if row is not None]
+        return rows != sorted(rows)
+
+    def copy_rows(self, fresh: torch.Tensor, theirs: torch.Tensor, dim: int) -> torch.Tensor:
+        """`fresh` (the model's tensor) with the file's rows of the shared joints copied along `dim`."""
+        pairs = [(i, row) for i, row in enumerate(self.file_rows) if row is not None]
+        into = torch.tensor([i for i, _ in pairs], dtype=torch.long)
+        taken = torch.tensor([row for _, row in pairs], dtype=torch.long)
+        return fresh.detach().clone().index_copy_(dim, into, theirs.to(fresh.dtype).index_select(dim, taken))
+
+    def lines(self) -> list[str]:
+        """The load table's lines: the joints copied by name, and the joints initialised."""
+        how = "copied by name, reordered from the file's order" if self.reordered else "copied by name"
+        return [f"keypoint predictor: {how}: {', '.join(self.copied)}",
+                f"keypoint predictor: initialised: {', '.join(self.initialised) or 'none'}"]
+
+
 @dataclass
 class WeightsReport:
-    """What a non-strict load did: tensors loaded, re-initialised (model shape, file shape or None), unused."""
+    """What a non-strict load did: tensors loaded, re-initialised (model shape, file shape or None), unused.
+
+    by_name: the keypoint predictor's tensors filled row by row by joint name (model shape, file shape),
+    with joints saying which; joints_note: why the joint names were not used, where the file names its joints.
+    """
 
     source: str
     loaded: list[str] = field(default_factory=list)
     reinitialised: dict[str, tuple[tuple[int, ...], tuple[int, ...] | None]] = field(default_factory=dict)
     unused: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    by_name: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    joints: JointRows | None = None
+    joints_note: str | None = None
 
     def table(self) -> str:
-        """Loaded tensors counted per module; every re-initialised and unused tensor with its shapes."""
-        lines = [f"weights from {self.source}: {len(self.loaded)} tensors loaded, {len(self.reinitialised)} "
+        """Loaded tensors counted per module; every re-initialised and unused tensor with its shapes; the
+        keypoint predictor's joints copied by name and initialised, one line each."""
+        copied = f"{len(self.by_name)} copied by joint name, " if self.by_name else ""
+        lines = [f"weights from {self.source}: {len(self.loaded)} tensors loaded, {copied}{len(self.reinitialised)} "
                  f"re-initialised, {len(self.unused)} unused"]
         groups: dict[str, int] = {}
         for name in self.loaded:
             group = ".".join(name.split(".")[:-1][:2]) or name
             groups[group] = groups.get(group, 0) + 1
         lines += [f"  loaded          {group}  ({count} tensors)" for group, count in groups.items()]
+        lines += [f"  by joint name   {name}  model {_shape(model_shape)}, file {_shape(file_shape)}"
+                  for name, (model_shape, file_shape) in self.by_name.items()]
+        if self.joints is not None:
+            lines += [f"  {line}" for line in self.joints.lines()]
+        if self.joints_note is not None:
+            lines.append(f"  keypoint predictor: {self.joints_note}")
         for name, (model_shape, file_shape) in self.reinitialised.items():
             found = "not in the file" if file_shape is None else f"file {_shape(file_shape)}"
             lines.append(f"  re-initialised  {name}  model {_shape(model_shape)}, {found}")
@@ -224,11 +300,49 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str)
         )
 
 
-def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> WeightsReport:
+def _fits_but_keypoints(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], count: int) -> bool:
+    """Both keypoint predictor tensors in the file, for `count` keypoints, their other dimensions the model's."""
+    for name, dim in KEYPOINT_DIM.items():
+        theirs = state.get(name)
+        if name not in own or theirs is None or theirs.dim() != own[name].dim() or theirs.shape[dim] != count:
+            return False
+        others = [d for d in range(theirs.dim()) if d != dim]
+        if [theirs.shape[d] for d in others] != [own[name].shape[d] for d in others]:
+            return False
+    return True
+
+
+def _joints_by_name(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], file_names: Sequence[str] | None,
+                    model_names: Sequence[str] | None, report: WeightsReport) -> dict[str, torch.Tensor]:
+    """The keypoint predictor's tensors with the rows of the joints named in both copied, when the names say more
+    than the shapes do (other joints, or the same in another order); else {} and the tensors load by shape."""
+    if not file_names or not model_names or not _fits_but_keypoints(own, state, len(file_names)):
+        return {}
+    joints = JointRows(tuple(file_names), tuple(model_names))
+    if joints.file_names == joints.model_names:
+        return {}
+    if not joints.copied:
+        same_shape = all(tuple(state[name].shape) == tuple(own[name].shape) for name in KEYPOINT_DIM)
+        report.joints_note = (f"no joint name in common (file: {', '.join(file_names)}; this model: "
+                              f"{', '.join(model_names)}): " +
+                              ("loaded by position, as the shapes match" if same_shape else "re-initialised"))
+        return {}
+    report.joints = joints
+    for name, dim in KEYPOINT_DIM.items():
+        report.by_name[name] = (tuple(own[name].shape), tuple(state[name].shape))
+    return {name: joints.copy_rows(own[name], state[name], dim) for name, dim in KEYPOINT_DIM.items()}
+
+
+def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                   file_keypoints: Sequence[str] | None = None,
+                   keypoint_names: Sequence[str] | None = None) -> WeightsReport:
     report = WeightsReport(source)
     own = module.state_dict()
+    by_name = _joints_by_name(own, state, file_keypoints, keypoint_names, report)
     for name, tensor in own.items():
         theirs = state.get(name)
+        if name in by_name:
+            continue
         if theirs is not None and tuple(theirs.shape) == tuple(tensor.shape):
             report.loaded.append(name)
         else:
@@ -237,7 +351,7 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: st
     report.unused = {name: tuple(t.shape) for name, t in state.items()
                      if name not in own and not name.endswith("num_batches_tracked")}
     total = sum(t.numel() for t in own.values())
-    matching = sum(own[name].numel() for name in report.loaded)
+    matching = sum(own[name].numel() for name in [*report.loaded, *by_name])
     if matching < MIN_MATCHING_FRACTION * total:
         examples = "; ".join(
             f"{name}: model {_shape(m)}, {'not in the file' if f is None else 'file ' + _shape(f)}"
@@ -248,12 +362,13 @@ def _load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: st
             "Another backbone or other head sizes (model.*) than the run that wrote them? "
             "Backbone-only weights go to model.backbone_weights."
         )
-    module.load_state_dict({name: state[name] for name in report.loaded}, strict=False)
+    module.load_state_dict({**{name: state[name] for name in report.loaded}, **by_name}, strict=False)
     return report
 
 
 def load_weights(module: nn.Module, source: str, strict: bool = False, store: Storage | None = None,
-                 architecture: ModelConfig | None = None, key: str = "model.weights") -> WeightsReport:
+                 architecture: ModelConfig | None = None, key: str = "model.weights",
+                 keypoint_names: Sequence[str] | None = None) -> WeightsReport:
     """Load weights into a freshly built module; `key` is the config key that names them (in messages).
 
     architecture: the config `module` was built from; a dist_kp file written for other values of
@@ -264,27 +379,38 @@ def load_weights(module: nn.Module, source: str, strict: bool = False, store: St
     fresh initialisation (a keypoint predictor for another number of keypoints, a box predictor for
     another number of classes); rank 0 logs the table of what was loaded, re-initialised and unused.
     A file in which less than half of the model's values match is refused (another architecture).
+
+    keypoint_names: the joints the module predicts, in its order. Where the file names its joints too
+    (a dist_kp weights file or checkpoint, torchvision's COCO weights) and they differ, the keypoint
+    predictor's rows of the joints named in both are copied by name (the others keep their fresh
+    initialisation); with no name in common the predictor loads by shape as without names, and the
+    table says so.
     """
     try:
         if _is_torchvision_name(source):
-            state, written_with = read_state_dict(source, store, key), None
+            torchvision_file = TorchvisionWeightsFile.of(source)
+            state, written_with = torchvision_file.read(key), None
+            file_keypoints = torchvision_file.keypoint_names
         else:
             file = read_weights_file(source, store)
-            state, written_with = file.state, file.model_config
+            state, written_with, file_keypoints = file.state, file.model_config, file.keypoint_names
     except WeightsError as error:
         raise WeightsError(f"{key}: {error}") from None
     if architecture is not None:
         check_architecture(architecture, written_with, source)
-    return load_state(module, state, source, strict)
+    return load_state(module, state, source, strict, file_keypoints, keypoint_names)
 
 
-def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = False) -> WeightsReport:
-    """Load a state dict read from `source` into a module, strictly or the tensors that match (see load_weights)."""
+def load_state(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = False,
+               file_keypoints: Sequence[str] | None = None,
+               keypoint_names: Sequence[str] | None = None) -> WeightsReport:
+    """Load a state dict read from `source` into a module, strictly or the tensors that match (see load_weights);
+    file_keypoints: the joint names the file records, keypoint_names: the module's."""
     if strict:
         _load_strict(module, state, source)
         log.info("loaded weights from %s (strict)", source)
         return WeightsReport(source, loaded=list(state))
-    report = _load_matching(module, state, source)
+    report = _load_matching(module, state, source, file_keypoints, keypoint_names)
     if distributed.is_main_process():
         log.info("%s", report.table())
         log.debug("loaded tensors from %s:\n  %s", source, "\n  ".join(report.loaded))
@@ -344,8 +470,15 @@ def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: St
     return fpn, 2
 
 
-def build_model(cfg: ModelConfig, num_keypoints: int, store: Storage | None = None) -> KeypointRCNN:
-    """Keypoint R-CNN for one 'person' class with `num_keypoints` keypoints; `store` reads weights URLs."""
+def build_model(cfg: ModelConfig, num_keypoints: int, store: Storage | None = None,
+                keypoint_names: Sequence[str] | None = None) -> KeypointRCNN:
+    """Keypoint R-CNN for one 'person' class with `num_keypoints` keypoints; `store` reads weights URLs.
+
+    keypoint_names: the joints it predicts, in order; model.weights that name theirs give the rows of the
+    joints named in both (see load_weights).
+    """
+    if keypoint_names is not None and len(keypoint_names) != num_keypoints:
+        raise ValueError(f"{num_keypoints} keypoints, but {len(keypoint_names)} keypoint names: {list(keypoint_names)}")
     norm_layer = _norm_layer(cfg)
     if cfg.backbone == "mobilenet_v3_large":
         backbone, levels = _mobilenet_backbone(cfg, norm_layer, store)
@@ -375,7 +508,7 @@ def build_model(cfg: ModelConfig, num_keypoints: int, store: Storage | None = No
         keypoint_predictor=KeypointRCNNPredictor(cfg.keypoint_head_channels, num_keypoints),
     )
     if cfg.weights:
-        load_weights(model, cfg.weights, cfg.weights_strict, store, architecture=cfg)
+        load_weights(model, cfg.weights, cfg.weights_strict, store, architecture=cfg, keypoint_names=keypoint_names)
     return model
 
 

@@ -23,6 +23,7 @@ from torchvision.models.detection import KeypointRCNN
 from dist_kp.config import ModelConfig
 from dist_kp.model.keypoint_rcnn import (
     ARCHITECTURE_KEYS,
+    KEYPOINT_LOGITS,
     WeightsError,
     WeightsFile,
     build_model,
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 # The model keys that change the network's tensors, or what it returns at inference.
 NETWORK_KEYS = (*ARCHITECTURE_KEYS, "min_size", "max_size", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test",
                 "box_detections_per_img")
-# The keypoint logits of Keypoint R-CNN, [channels, keypoints, 4, 4]: the keypoint count of a bare state dict.
-KEYPOINT_LOGITS = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,9 @@ def network_conflicts(given: ModelConfig, written: ModelConfig) -> list[str]:
 
 def keypoint_count(file: WeightsFile) -> int:
     """The number of keypoints the file's model predicts."""
-    if file.keypoints and isinstance(file.keypoints.get("keypoint_names"), list):
-        return len(file.keypoints["keypoint_names"])
+    if file.keypoint_names is not None:
+        return len(file.keypoint_names)
+    # A bare state dict: the keypoint dimension of the logits, [channels, keypoints, 4, 4].
     logits = file.state.get(KEYPOINT_LOGITS)
     if logits is None or logits.dim() != 4:
         raise WeightsError(f"{file.source} holds no Keypoint R-CNN keypoint predictor ({KEYPOINT_LOGITS}): not the "
