@@ -10,7 +10,9 @@
    name) and from the same tensors as a bare state dict (no names: the keypoint predictor re-initialised,
    as before joint names). Each start is evaluated before any step (the model build_model gives train,
    in this process), then fine-tuned --steps steps with the same seed (the real CLI), evaluated every epoch.
-Prints a markdown table of kp/AP and bbox/AP per step, and the seconds each run took.
+Prints a markdown table of kp/AP and bbox/AP per step, and the seconds each run took. With --work, a
+second start reuses what the folder holds: the data, the source model once trained, and each run
+resumes from its checkpoints (a stopped run continues; SIGTERM saves one).
 """
 
 from __future__ import annotations
@@ -86,14 +88,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        data17 = generate(work / "data17", train=args.train, val=args.val, seed=0)
-        data5 = generate(work / "data5", train=args.train, val=args.val, seed=0, keypoints=FIVE)
+        data17, data5 = work / "data17", work / "data5"
+        if not (data5 / "annotations").is_dir():
+            generate(data17, train=args.train, val=args.val, seed=0)
+            generate(data5, train=args.train, val=args.val, seed=0, keypoints=FIVE)
 
-        source_seconds = train([f"data.root={data17}", f"output_dir={work / 'source'}",
-                                f"train.max_steps={args.source_steps}", "eval.every_epochs=0", "eval.at_end=true"],
-                               work / "source.log")
-        source_metrics = metrics_by_step(work / "source")[args.source_steps]
         final = work / "source" / "model_final.pt"
+        source_seconds = 0.0 if final.is_file() else train(
+            [f"data.root={data17}", f"output_dir={work / 'source'}", f"train.max_steps={args.source_steps}",
+             "eval.every_epochs=0", "eval.at_end=true"], work / "source.log")
+        source_metrics = metrics_by_step(work / "source")[args.source_steps]
         bare = work / "source_bare.pt"  # the same tensors without the joint names
         torch.save(torch.load(final, map_location="cpu", weights_only=True)["model"], bare)
 
