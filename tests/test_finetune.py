@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from dist_kp.config import load_config
-from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, select_keypoints
+from dist_kp.data import synthetic
 from dist_kp.data.flip_pairs import flip_permutation, infer_flip_pairs
+from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES
 from dist_kp.model.keypoint_rcnn import KEYPOINT_BIAS as BIAS
 from dist_kp.model.keypoint_rcnn import KEYPOINT_LOGITS as LOGITS
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model
@@ -27,14 +28,14 @@ KEYPOINT_PREDICTOR = {"roi_heads.keypoint_predictor.kps_score_lowres.weight",
 QUICK = ("train.workers=0", "eval.every_epochs=0")
 
 
-def subset_dataset(source: Path, out: Path, names: list[str]) -> Path:
+def select_keypoints(source: Path, out: Path, names: list[str]) -> Path:
     """A copy of a COCO keypoints dataset that keeps only the named keypoints (images linked, not copied)."""
     (out / "annotations").mkdir(parents=True)
     for split in ("train", "val"):
         (out / f"{split}2017").symlink_to(source / f"{split}2017")
         data = json.loads((source / "annotations" / f"person_keypoints_{split}2017.json").read_text())
         (out / "annotations" / f"person_keypoints_{split}2017.json").write_text(
-            json.dumps(select_keypoints(data, names)))
+            json.dumps(synthetic.select_keypoints(data, names)))
     return out
 
 
@@ -49,7 +50,7 @@ def coco_weights(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def five_keypoint_root(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return subset_dataset(synthetic_root, tmp_path_factory.mktemp("five") / "data", FIVE_KEYPOINTS)
+    return select_keypoints(synthetic_root, tmp_path_factory.mktemp("five") / "data", FIVE_KEYPOINTS)
 
 
 def test_the_five_keypoint_set_is_a_valid_coco_set_with_mirrored_names(five_keypoint_root: Path) -> None:
