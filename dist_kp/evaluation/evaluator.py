@@ -45,8 +45,7 @@ def evaluate_distributed(
     oks_sigmas = check_sigmas(sigmas, index.meta.num_keypoints)
     library = backend_for(backend)
     parts = rank_matches(library, index, local_positions, local_results, oks_sigmas, keypoint_area)
-    sent = None if distributed.is_main_process() else (
-        {t: library.columns(p) for t, p in parts.items()}, ResultColumns.from_records(local_results))
+    sent = None if distributed.is_main_process() else rank_payload(library, parts, local_results)
     gathered = distributed.gather_objects(sent)
     output = merge_ranks(library, parts, local_results, gathered[1:]) if gathered is not None else None
     metrics = distributed.broadcast_object(output.metrics if output else None)
@@ -60,6 +59,12 @@ def rank_matches(library: EvalBackend, index: KeypointIndex, positions: np.ndarr
     dts = detection_sets(library, gt, results, tuple(STAT_NAMES), keypoint_area)
     image_ids = [int(index.image_ids[i]) for i in positions.tolist()]
     return {t: library.match(gt, dts[t], t, oks_sigmas, image_ids) for t in STAT_NAMES}
+
+
+def rank_payload(library: EvalBackend, parts: dict[str, ImageMatches], results: list[dict[str, Any]]
+                 ) -> tuple[dict[str, MatchColumns], ResultColumns]:
+    """What a rank other than 0 sends: its match records and result records as arrays."""
+    return {t: library.columns(p) for t, p in parts.items()}, ResultColumns.from_records(results)
 
 
 def merge_ranks(library: EvalBackend, own_parts: dict[str, ImageMatches], own_results: list[dict[str, Any]],
