@@ -23,8 +23,8 @@ and 2 processes from this checkout (and, with --before, from the old one, side b
 files). Each rank reads only its own shard's results file; reported: wall time of
 evaluate_distributed, rank 0's time in matching, gather_objects (waiting for the other rank and
 receiving), rebuilding the other ranks' records and merge, and every process's peak RSS (the
-reference's from os.wait4; a rank's from getrusage right after evaluate_distributed, with what its
-imports alone took).
+reference's from os.wait4, with torch and torchvision imported as in the reference scripts; a
+rank's from getrusage right after evaluate_distributed; each with what its imports alone took).
 """
 
 from __future__ import annotations
@@ -239,7 +239,12 @@ def peak_rss_mb() -> float:
 
 
 def reference_process(gt_path: str, results_path: str, out: str) -> None:
-    """(a) in a process of its own, for its peak RSS: the reference's own data (no torch)."""
+    """(a) in a process of its own, for its peak RSS; with torch and torchvision imported, as in the
+    reference scripts, where CocoEvaluator runs inside the training (or evaluation) process."""
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    Path(out).with_suffix(".imports").write_text(str(peak_rss_mb()))
     results = json.loads(Path(results_path).read_text())
     Path(out).write_text(json.dumps(reference_style(Path(gt_path), results)))
 
@@ -320,11 +325,13 @@ def gather_main(args: argparse.Namespace) -> None:
         _, status, usage = os.wait4(process.pid, 0)
         base_s, base_mb = time.perf_counter() - start, usage.ru_maxrss / 1024
         assert os.waitstatus_to_exitcode(status) == 0
+        base_imports_mb = float((tmp / "reference.imports").read_text())
         baseline = metrics_dict(json.loads((tmp / "reference.json").read_text()))
         log.info("| variant | seconds | vs 1 process | rank 0: matching, gather, rebuild, merge, other (s) | peak RSS "
                  "MB per rank (imports alone) | vs reference's RSS | stats against (a) |")
         log.info("|---|---|---|---|---|---|---|")
-        log.info("| (a) reference, own process | %.1f | - | - | %.0f | 1.00 | - |", base_s, base_mb)
+        log.info("| (a) reference, own process | %.1f | - | - | %.0f (%.0f) | 1.00 | - |", base_s, base_mb,
+                 base_imports_mb)
         checkouts = ([("before", args.before.resolve())] if args.before else []) + [("after", REPO)]
         for label, checkout in checkouts:
             one = None
