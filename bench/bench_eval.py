@@ -15,6 +15,16 @@ image), then times keypoints + boxes together, side by side in one run:
       the per-detection Python it replaced.
 Every variant's stats are checked against (a): pycocotools bit for bit, faster_coco_eval
 within 1e-12 (see dist_kp.evaluation for what "exact" means).
+
+    .venv/bin/python bench/bench_eval.py --gather [--before /path/to/old/checkout] [--backend NAME]
+
+is the focused mode of issue 23 item 5: (a) as a process of its own, then evaluate_distributed at 1
+and 2 processes from this checkout (and, with --before, from the old one, side by side on the same
+files). Each rank reads only its own shard's results file; reported: wall time of
+evaluate_distributed, rank 0's time in matching, gather_objects (waiting for the other rank and
+receiving), rebuilding the other ranks' records and merge, and every process's peak RSS (the
+reference's from os.wait4, with torch and torchvision imported as in the reference scripts; a
+rank's from getrusage right after evaluate_distributed; each with what its imports alone took).
 """
 
 from __future__ import annotations
@@ -22,10 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import logging
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -222,16 +234,144 @@ def agrees(metrics: dict[str, float], baseline: dict[str, float], backend: str) 
     return f"within {TOLERANCE:g} (max diff {worst:.1e})" if worst <= TOLERANCE else f"NO (max diff {worst:.1e})"
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reference_process(gt_path: str, results_path: str, out: str) -> None:
+    """(a) in a process of its own, for its peak RSS; with torch and torchvision imported, as in the
+    reference scripts, where CocoEvaluator runs inside the training (or evaluation) process."""
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
+
+    Path(out).with_suffix(".imports").write_text(str(peak_rss_mb()))
+    results = json.loads(Path(results_path).read_text())
+    Path(out).write_text(json.dumps(reference_style(Path(gt_path), results)))
+
+
+def timing(phases: dict[str, float], name: str, call):
+    @functools.wraps(call)
+    def timed_call(*args, **kwargs):
+        return timed(phases, name, call, *args, **kwargs)
+    return timed_call
+
+
+def gather_worker(checkout: str, gt_path: str, shard_dir: str, backend: str, out: str) -> None:
+    """One rank of --gather: evaluate_distributed of `checkout` on this rank's shard, phases timed where they run."""
+    sys.path.insert(0, checkout)
+    from dist_kp import distributed
+    from dist_kp.data.index import load_index
+    from dist_kp.evaluation import backends, evaluator
+    from dist_kp.storage import Storage
+
+    assert Path(distributed.__file__).is_relative_to(checkout), distributed.__file__
+    imports_mb = peak_rss_mb()
+    phases: dict[str, float] = {}
+    distributed.gather_objects = timing(phases, "gather", distributed.gather_objects)
+    backends.EvalBackend.match = timing(phases, "matching", backends.EvalBackend.match)
+    backends.EvalBackend.merge = timing(phases, "merge", backends.EvalBackend.merge)
+    if hasattr(backends.EvalBackend, "from_columns"):  # the columnar version: rank 0 rebuilds, the others pack
+        backends.EvalBackend.from_columns = timing(phases, "rebuild", backends.EvalBackend.from_columns)
+        evaluator.ResultColumns.records = timing(phases, "rebuild", evaluator.ResultColumns.records)
+        backends.EvalBackend.columns = timing(phases, "pack", backends.EvalBackend.columns)
+        evaluator.ResultColumns.from_records = timing(phases, "pack", evaluator.ResultColumns.from_records)
+    distributed.init_distributed("cpu")
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    index = load_index(gt_path, Storage())
+    positions = np.arange(rank, len(index), world)
+    local = json.loads((Path(shard_dir) / f"{rank}_of_{world}.json").read_text())
+    assert {r["image_id"] for r in local} <= set(index.image_ids[positions].tolist())
+    distributed.barrier()
+    start = time.perf_counter()
+    output = evaluator.evaluate_distributed(index, positions, local, backend, None)
+    seconds = time.perf_counter() - start
+    phases["other"] = seconds - sum(phases.values())
+    report = {"rank": rank, "seconds": seconds, "phases": phases, "peak_mb": peak_rss_mb(), "imports_mb": imports_mb,
+              "metrics": output.metrics, "results": len(output.results or [])}
+    Path(out).with_suffix(f".rank{rank}.json").write_text(json.dumps(report))
+    distributed.cleanup()
+
+
+def run_gather(checkout: Path, nproc: int, backend: str, gt_path: Path, shard_dir: Path, tmp: Path) -> list[dict]:
+    out = tmp / f"gather_{checkout.name}_{backend}_{nproc}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           __file__, "--gather-worker", str(checkout), str(gt_path), str(shard_dir), backend, str(out)]
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True)
+    return [json.loads(out.with_suffix(f".rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+def gather_main(args: argparse.Namespace) -> None:
+    """--gather: time and peak RSS of 1 and 2 processes against the reference, before and after."""
+    from dist_kp.evaluation.backends import metrics_dict
+
+    gt, results = make_data(args.images, args.dets)
+    log.info("%d images, %d person annotations, %d detections, backend %s (times under whatever else runs "
+             "on this machine)", len(gt["images"]), len(gt["annotations"]), len(results), args.backend)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        gt_path, results_path, shard_dir = tmp / "gt.json", tmp / "results.json", tmp / "shards"
+        shard_dir.mkdir()
+        gt_path.write_text(json.dumps(gt))
+        results_path.write_text(json.dumps(results))
+        for world in (1, 2):
+            for rank in range(world):
+                mine = {image["id"] for image in gt["images"][rank::world]}
+                (shard_dir / f"{rank}_of_{world}.json").write_text(
+                    json.dumps([r for r in results if r["image_id"] in mine]))
+        del gt, results
+        start = time.perf_counter()
+        process = subprocess.Popen([sys.executable, __file__, "--reference", str(gt_path), str(results_path),
+                                    str(tmp / "reference.json")], env=dict(os.environ, OMP_NUM_THREADS="1"))
+        _, status, usage = os.wait4(process.pid, 0)
+        base_s, base_mb = time.perf_counter() - start, usage.ru_maxrss / 1024
+        assert os.waitstatus_to_exitcode(status) == 0
+        base_imports_mb = float((tmp / "reference.imports").read_text())
+        baseline = metrics_dict(json.loads((tmp / "reference.json").read_text()))
+        log.info("| variant | seconds | vs 1 process | rank 0: matching, gather, rebuild, merge, other (s) | peak RSS "
+                 "MB per rank (imports alone) | vs reference's RSS | stats against (a) |")
+        log.info("|---|---|---|---|---|---|---|")
+        log.info("| (a) reference, own process | %.1f | - | - | %.0f (%.0f) | 1.00 | - |", base_s, base_mb,
+                 base_imports_mb)
+        checkouts = ([("before", args.before.resolve())] if args.before else []) + [("after", REPO)]
+        for label, checkout in checkouts:
+            one = None
+            for nproc in (1, 2):
+                ranks = run_gather(checkout, nproc, args.backend, gt_path, shard_dir, tmp)
+                seconds, phases = ranks[0]["seconds"], ranks[0]["phases"]
+                one = one or seconds
+                log.info("| %s, %d process%s | %.1f | %.2fx | %s | %s | %s | %s |", label, nproc,
+                         "es" if nproc > 1 else "", seconds, seconds / one,
+                         ", ".join(f"{phases.get(k, 0.0):.2f}" for k in ("matching", "gather", "rebuild", "merge", "other")),
+                         ", ".join(f"{r['peak_mb']:.0f} ({r['imports_mb']:.0f})" for r in ranks),
+                         ", ".join(f"{r['peak_mb'] / base_mb:.2f}" for r in ranks),
+                         agrees(ranks[0]["metrics"], baseline, args.backend))
+                for r in ranks[1:]:
+                    log.info("|   rank %d phases | %.1f | | %s | | | |", r["rank"], r["seconds"],
+                             ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items()))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(*sys.argv[2:6])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--gather-worker":
+        gather_worker(*sys.argv[2:7])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--reference":
+        reference_process(*sys.argv[2:5])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--dets", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each dist_kp variant (median reported)")
+    parser.add_argument("--gather", action="store_true", help="only the focused mode of issue 23 item 5")
+    parser.add_argument("--before", type=Path, help="--gather: checkout of the code before the change, run too")
+    parser.add_argument("--backend", default="faster_coco_eval", help="--gather: the evaluation backend")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.gather:
+        gather_main(args)
+        return
     from dist_kp.evaluation.backends import metrics_dict
 
     gt, results = make_data(args.images, args.dets)

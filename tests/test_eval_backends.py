@@ -3,7 +3,9 @@
 The merge feeds per-image records of several evaluate() calls to one accumulate(). That rests
 on internals no public API promises: the layout of the per-image records ([category][area
 range][image]), pycocotools' `evalImgs` and `_paramsEval`, faster_coco_eval's `separate_eval`
-and `_evalImgs_cpp`. These tests fail when an upgrade of either library breaks one of them
+and `_evalImgs_cpp`, its records' pickle state, and that accumulate() reads of a record only its
+scores, matched-or-not, ignore flags and ground truth ignore flags (rank 0 rebuilds records with
+only these from the arrays other ranks send). These tests fail when an upgrade of either library breaks one of them
 (pyproject pins the versions below the next minor release for that reason).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -81,5 +84,7 @@ def test_backend_internals_relied_upon_still_hold(dataset, name: str) -> None:
             parts.append(backend.match(local, local_dt, iou_type, sigmas, local_ids))
         merged = backend.merge(iou_type, parts[::-1])
         assert merged == backend.merge(iou_type, [whole])
+        rebuilt = [backend.from_columns(pickle.loads(pickle.dumps(backend.columns(part)))) for part in parts]
+        assert backend.merge(iou_type, rebuilt) == merged  # bit for bit
         assert merged == library_run_in_one_go(backend, gt, dts[iou_type], iou_type, sigmas)
         assert 0.05 < merged[0] < 0.99

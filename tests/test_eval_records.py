@@ -1,13 +1,16 @@
-"""Result records built with numpy over a batch are the records built one detection at a time."""
+"""Result records built with numpy over a batch are the records built one detection at a time;
+sent to rank 0 as arrays, they come back the same."""
 
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
+import pytest
 import torch
 
-from dist_kp.evaluation.results import outputs_to_results, round_half_even
+from dist_kp.evaluation.results import EvaluationError, ResultColumns, outputs_to_results, round_half_even
 
 
 def per_detection_reference(outputs: list[dict[str, torch.Tensor]], image_ids: list[int],
@@ -113,3 +116,18 @@ def test_ground_truth_equals_the_per_annotation_build(synthetic_root) -> None:
     for positions in (np.arange(len(index)), np.arange(1, len(index), 3), np.zeros(0, np.int64)):
         assert json.dumps(ground_truth(index, positions)) == json.dumps(per_annotation_reference(index, positions))
     assert ground_truth(index) == ground_truth(index, np.arange(len(index)))
+
+
+def test_records_sent_as_arrays_come_back_equal_value_for_value() -> None:
+    rng = np.random.default_rng(1)
+    records = outputs_to_results([fake_output(rng, n) for n in (5, 0, 30)], [7, 8, 9], category_id=1)
+    columns = pickle.loads(pickle.dumps(ResultColumns.from_records(records)))
+    assert json.dumps(columns.records()) == json.dumps(records)  # values, types, key order, signs of zero
+    assert ResultColumns.from_records([]).records() == []
+
+
+def test_a_record_with_other_keys_is_refused_rather_than_sent_without_them() -> None:
+    records = outputs_to_results([fake_output(np.random.default_rng(2), 3)], [7], category_id=1)
+    records[1]["area"] = 12.0
+    with pytest.raises(EvaluationError, match=r"result record 1 .* has other keys than image_id, category_id"):
+        ResultColumns.from_records(records)

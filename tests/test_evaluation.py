@@ -13,6 +13,8 @@ import contextlib
 import copy
 import io
 import json
+import pickle
+import pickletools
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,9 @@ from dist_kp.config import ConfigError, load_config
 from dist_kp.data.index import index_from_coco, load_index
 from dist_kp.storage import Storage
 from dist_kp.evaluation.backends import STAT_NAMES, backend_for, detection_sets, metrics_dict
+from dist_kp.evaluation.evaluator import merge_ranks, rank_matches, rank_payload
 from dist_kp.evaluation.results import EvaluationError, check_sigmas, ground_truth
-from dist_kp.evaluation.results_file import evaluate_results
+from dist_kp.evaluation.results_file import EvalOutput, evaluate_results
 from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
 
 
@@ -82,21 +85,30 @@ def pycocotools_direct(annotations: Path, results: list[dict], iou_type: str,
     return [float(s) for s in evaluator.stats]
 
 
-def sharded(backend: str, index, results: list[dict], world_size: int,
-            keypoint_area: str = "keypoints") -> dict[str, float]:
-    """What `world_size` ranks compute: per-shard matching, then one merge (as in evaluate_distributed)."""
+def rank_shards(index, world_size: int) -> list[np.ndarray]:
+    """Each rank's positions in the index, as the eval loader shards them (indices[rank::world])."""
+    return [np.arange(rank, len(index), world_size) for rank in range(world_size)]
+
+
+def sharded_output(backend: str, index, results: list[dict], shards: list[np.ndarray],
+                   keypoint_area: str = "keypoints") -> EvalOutput:
+    """What ranks with these shards compute, as evaluate_distributed does: per-shard matching; ranks
+    other than 0 send their records as arrays, through pickle as gather_object does; one merge on rank 0."""
     sigmas = check_sigmas(None, index.meta.num_keypoints)
     library = backend_for(backend)
-    parts: dict[str, list] = {t: [] for t in STAT_NAMES}
-    for rank in range(world_size):
-        positions = np.arange(rank, len(index), world_size)
-        ids = {int(index.image_ids[i]) for i in positions}
-        local = library.coco(ground_truth(index, positions))
-        dts = detection_sets(library, local, [r for r in results if r["image_id"] in ids], tuple(STAT_NAMES),
-                             keypoint_area)
-        for iou_type in STAT_NAMES:
-            parts[iou_type].append(library.match(local, dts[iou_type], iou_type, sigmas, sorted(ids)))
-    return metrics_dict({t: library.merge(t, parts[t]) for t in STAT_NAMES})
+    ranks = []
+    for positions in shards:
+        ids = set(index.image_ids[positions].tolist())
+        local = [r for r in results if r["image_id"] in ids]
+        ranks.append((rank_matches(library, index, positions, local, sigmas, keypoint_area), local))
+    sent = [pickle.loads(pickle.dumps(rank_payload(library, parts, local))) for parts, local in ranks[1:]]
+    return merge_ranks(library, *ranks[0], sent)
+
+
+def sharded(backend: str, index, results: list[dict], world_size: int,
+            keypoint_area: str = "keypoints") -> dict[str, float]:
+    """The metrics of `world_size` ranks (see sharded_output)."""
+    return sharded_output(backend, index, results, rank_shards(index, world_size), keypoint_area).metrics
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +130,39 @@ def test_sharded_merge_equals_pycocotools_run_directly(noisy, synthetic_root: Pa
     else:
         assert metrics == sharded(backend, index, results, 1)  # bit for bit, whatever the world size
         assert_close(metrics, direct)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_uneven_shards_and_an_empty_rank_give_the_stats_and_records_of_one_process(noisy, backend: str) -> None:
+    index, results = noisy
+    one = sharded_output(backend, index, results, rank_shards(index, 1))
+    order = np.random.default_rng(0).permutation(len(index))  # shards need not be contiguous nor sorted
+    shards = [np.sort(order[: len(index) * 3 // 5]), np.zeros(0, np.int64), np.sort(order[len(index) * 3 // 5:])]
+    uneven = sharded_output(backend, index, results, shards)
+    assert uneven.metrics == one.metrics  # bit for bit
+    assert 0.1 < one.metrics["kp/AP"] < 0.99
+    per_rank = [[r for r in results if r["image_id"] in set(index.image_ids[s].tolist())] for s in shards]
+    assert uneven.results == [r for rank_results in per_rank for r in rank_results]  # rank order, records equal
+
+
+def test_a_rank_sends_its_records_as_arrays_not_python_objects(noisy) -> None:
+    index, results = noisy
+    sigmas = check_sigmas(None, index.meta.num_keypoints)
+
+    def sent(library, positions: np.ndarray) -> tuple[int, list]:
+        local = [r for r in results if r["image_id"] in set(index.image_ids[positions].tolist())]
+        payload = rank_payload(library, rank_matches(library, index, positions, local, sigmas), local)
+        columns, result_columns = payload
+        fields = [*(v for c in columns.values() for v in vars(c).values()), *vars(result_columns).values()]
+        return sum(1 for _ in pickletools.genops(pickle.dumps(payload))), fields
+
+    for backend in ("pycocotools", "faster_coco_eval"):
+        library = backend_for(backend)
+        small, fields = sent(library, np.arange(0, len(index), 4))
+        large, _ = sent(library, np.arange(len(index)))
+        assert all(isinstance(v, int) or (isinstance(v, np.ndarray) and v.dtype.kind in "bif") for v in fields)
+        # The pickle has as many parts for 4x the images, records and results: none per record or value.
+        assert large == small, (backend, small, large)
 
 
 def test_backends_agree_within_1e_12(noisy) -> None:

@@ -2,7 +2,8 @@
 
 Each rank runs inference on its own unpadded shard and the per-image matching for its own
 images (the expensive part); rank 0 merges the per-image results of every rank into one
-accumulate/summarize. What "exact" means here:
+accumulate/summarize. The other ranks send their per-image records and result records as
+arrays, one per field (no Python object per record to pickle); rank 0 rebuilds them once. What "exact" means here:
 
 - the stats do not depend on the number of processes: 1, 2, 3 ... ranks give bit-identical numbers;
 - the pycocotools backend gives bit for bit what pycocotools run once on all results gives;

@@ -1,7 +1,11 @@
 """One class per COCO evaluation library, behind one interface: coco / detections / match / merge.
 
+A rank other than 0 sends its per-image records as arrays (`columns`, `MatchColumns`); rank 0
+turns them back into the library's records (`from_columns`) once, for the merge.
+
 The internals still relied upon (the per-image record layout, pycocotools' `_paramsEval`,
-faster_coco_eval's `_evalImgs_cpp`) are checked by tests/test_eval_backends.py.
+faster_coco_eval's `_evalImgs_cpp` and its records' pickle state, the fields accumulate() reads)
+are checked by tests/test_eval_backends.py.
 """
 
 from __future__ import annotations
@@ -9,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from dist_kp.evaluation.results import EvaluationError
+from dist_kp.evaluation.results import EvaluationError, paused_gc
 
 STAT_NAMES = {
     "keypoints": ["AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl"],
@@ -42,6 +47,38 @@ class ImageMatches:
     cat_ids: list[int]
     records: list[Any]
     num_detections: int
+    num_thresholds: int  # of IoU (OKS) thresholds: the rows of each record's match arrays
+
+
+def _joined(sequences: tuple[Any, ...], dtype: type) -> np.ndarray:
+    """One flat array of many short arrays or lists."""
+    if sequences and isinstance(sequences[0], np.ndarray):
+        return np.concatenate(sequences).astype(dtype, copy=False)
+    return np.fromiter(itertools.chain.from_iterable(sequences), dtype)
+
+
+@dataclass
+class MatchColumns:
+    """ImageMatches as arrays: what accumulate() reads of each record, one flat array per field.
+
+    Records keep their [category][area range][image] order; `present` says which exist (pycocotools
+    has None for an image with neither ground truth nor detections). The i-th present record owns
+    dt_counts[i] consecutive dt_scores, num_thresholds x dt_counts[i] consecutive dt_matched and
+    dt_ignored ([threshold][detection]) and gt_counts[i] consecutive gt_ignored. It pickles as a
+    few buffers, however many records it holds.
+    """
+
+    image_ids: np.ndarray  # int64
+    cat_ids: np.ndarray  # int64
+    num_detections: int
+    num_thresholds: int
+    present: np.ndarray  # bool, one per record
+    dt_counts: np.ndarray  # int64, one per present record
+    gt_counts: np.ndarray  # int64, one per present record
+    dt_scores: np.ndarray  # float64
+    dt_matched: np.ndarray  # bool: matched to a ground truth at that IoU/OKS threshold
+    dt_ignored: np.ndarray  # bool
+    gt_ignored: np.ndarray  # bool
 
 
 class EvalBackend:
@@ -66,6 +103,16 @@ class EvalBackend:
 
     def accumulate(self, evaluator: Any, records: list[Any]) -> None:
         """Run accumulate() on per-image records from any number of evaluate() calls."""
+        raise NotImplementedError
+
+    def record_fields(self, record: Any) -> tuple[Any, Any, Any, Any]:
+        """A present record's dt_scores, dt matches, dt_ignored, gt_ignored: flat lists or arrays, in
+        MatchColumns' layout (a match is nonzero where matched)."""
+        raise NotImplementedError
+
+    def record(self, dt_scores: np.ndarray, dt_matched: np.ndarray, dt_ignored: np.ndarray,
+               gt_ignored: np.ndarray) -> Any:
+        """A record of the library's own type holding what accumulate() reads of it (matches [threshold][detection])."""
         raise NotImplementedError
 
     def coco(self, dataset: dict[str, Any]) -> Any:
@@ -107,7 +154,38 @@ class EvalBackend:
         with _quiet():
             records = self.per_image_records(evaluator)
         return ImageMatches([int(i) for i in evaluator.params.imgIds], [int(c) for c in evaluator.params.catIds],
-                            list(records), len(dt.getAnnIds()))
+                            list(records), len(dt.getAnnIds()), len(evaluator.params.iouThrs))
+
+    def columns(self, matches: ImageMatches) -> MatchColumns:
+        """The records of `matches` as arrays, to send to rank 0."""
+        with paused_gc():  # many lists at once: the cyclic collector would walk them over and over
+            present = np.fromiter((r is not None for r in matches.records), bool, len(matches.records))
+            fields = [self.record_fields(r) for r in matches.records if r is not None]
+            scores, matched, ignored, gt_ignored = zip(*fields) if fields else ((), (), (), ())
+            return MatchColumns(
+                image_ids=np.asarray(matches.image_ids, np.int64), cat_ids=np.asarray(matches.cat_ids, np.int64),
+                num_detections=matches.num_detections, num_thresholds=matches.num_thresholds, present=present,
+                dt_counts=np.fromiter(map(len, scores), np.int64, len(fields)),
+                gt_counts=np.fromiter(map(len, gt_ignored), np.int64, len(fields)),
+                dt_scores=_joined(scores, np.float64), dt_matched=_joined(matched, bool),
+                dt_ignored=_joined(ignored, bool), gt_ignored=_joined(gt_ignored, bool),
+            )
+
+    def from_columns(self, columns: MatchColumns) -> ImageMatches:
+        """The library's records again (rank 0, once per record): what merge() takes."""
+        t = columns.num_thresholds
+        dt_ends, gt_ends = np.cumsum(columns.dt_counts).tolist(), np.cumsum(columns.gt_counts).tolist()
+        records: list[Any] = [None] * len(columns.present)
+        dt_start = gt_start = 0
+        with paused_gc():
+            for position, dt_end, gt_end in zip(np.flatnonzero(columns.present).tolist(), dt_ends, gt_ends):
+                records[position] = self.record(
+                    columns.dt_scores[dt_start:dt_end],
+                    columns.dt_matched[t * dt_start:t * dt_end].reshape(t, dt_end - dt_start),
+                    columns.dt_ignored[t * dt_start:t * dt_end].reshape(t, dt_end - dt_start),
+                    columns.gt_ignored[gt_start:gt_end])
+                dt_start, gt_start = dt_end, gt_end
+        return ImageMatches(columns.image_ids.tolist(), columns.cat_ids.tolist(), records, columns.num_detections, t)
 
     def merge(self, iou_type: str, parts: list[ImageMatches]) -> list[float]:
         """One accumulate/summarize over every rank's per-image records; the library's stats vector.
@@ -122,7 +200,8 @@ class EvalBackend:
         evaluator = self.evaluator(None, None, iou_type, None, image_ids, cat_ids)
         p = evaluator.params
         p.maxDets = sorted(p.maxDets)
-        grids = [np.asarray(part.records, dtype=object).reshape(len(p.catIds), len(p.areaRng), -1) for part in parts]
+        grids = [np.asarray(part.records, dtype=object).reshape(len(p.catIds), len(p.areaRng), len(part.image_ids))
+                 for part in parts]
         order = np.argsort(np.concatenate([np.asarray(part.image_ids, np.int64) for part in parts]), kind="stable")
         merged = list(np.concatenate(grids, axis=2)[:, :, order].flatten())
         evaluator._paramsEval = copy.deepcopy(p)  # what accumulate reads; evaluate() would have set it
@@ -151,6 +230,14 @@ class PycocotoolsBackend(EvalBackend):
         evaluator.evalImgs = records
         evaluator.accumulate()
 
+    def record_fields(self, record: Any) -> tuple[Any, Any, Any, Any]:
+        # accumulate() reads a match only as matched or not (dtMatches holds the ground truth's id, 0 for none)
+        return record["dtScores"], record["dtMatches"].ravel(), record["dtIgnore"].ravel(), record["gtIgnore"]
+
+    def record(self, dt_scores: np.ndarray, dt_matched: np.ndarray, dt_ignored: np.ndarray,
+               gt_ignored: np.ndarray) -> Any:
+        return {"dtScores": dt_scores, "dtMatches": dt_matched, "dtIgnore": dt_ignored, "gtIgnore": gt_ignored}
+
 
 class FasterCocoEvalBackend(EvalBackend):
     """faster_coco_eval: with separate_eval, evaluate() keeps its C++ per-image records for accumulate()."""
@@ -172,6 +259,22 @@ class FasterCocoEvalBackend(EvalBackend):
     def accumulate(self, evaluator: Any, records: list[Any]) -> None:
         evaluator._evalImgs_cpp = records
         evaluator.accumulate()
+
+    def record_fields(self, record: Any) -> tuple[Any, Any, Any, Any]:
+        # The pickle state: detection matches (ground truth ids, 0 for none), ground truth matches, scores,
+        # ground truth ignores, detection ignores, matched pairs; accumulate() reads neither the ground
+        # truth matches nor the matched pairs (those feed only faster_coco_eval's extra_calc statistics).
+        dt_matches, _, scores, gt_ignored, dt_ignored, _ = record.__getstate__()
+        return scores, dt_matches, dt_ignored, gt_ignored
+
+    def record(self, dt_scores: np.ndarray, dt_matched: np.ndarray, dt_ignored: np.ndarray,
+               gt_ignored: np.ndarray) -> Any:
+        from faster_coco_eval.faster_eval_api_cpp import ImageEvaluation
+
+        record = ImageEvaluation.__new__(ImageEvaluation)  # as pickle builds one
+        record.__setstate__((dt_matched.ravel().tolist(), [], dt_scores.tolist(), gt_ignored.tolist(),
+                             dt_ignored.ravel().tolist(), []))
+        return record
 
 
 _BACKENDS: dict[str, type[EvalBackend]] = {b.name: b for b in (FasterCocoEvalBackend, PycocotoolsBackend)}

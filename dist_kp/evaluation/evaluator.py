@@ -16,13 +16,16 @@ from dist_kp.data.index import KeypointIndex
 from dist_kp.data.loaders import build_eval_loader
 from dist_kp.evaluation.backends import (
     STAT_NAMES,
+    EvalBackend,
+    ImageMatches,
+    MatchColumns,
     backend_for,
     detection_sets,
     metrics_dict,
     summary_text,
 )
 from dist_kp.evaluation.inference import predict
-from dist_kp.evaluation.results import check_sigmas, ground_truth
+from dist_kp.evaluation.results import ResultColumns, check_sigmas, ground_truth
 from dist_kp.evaluation.results_file import EvalOutput
 from dist_kp.model.keypoint_rcnn import unwrap
 from dist_kp.storage.run_folder import EVAL_METRICS, EVAL_RESULTS, RunFolder
@@ -34,21 +37,43 @@ def evaluate_distributed(
     index: KeypointIndex, local_positions: np.ndarray, local_results: list[dict[str, Any]], backend: str,
     sigmas: list[float] | None, keypoint_area: str = "keypoints",
 ) -> EvalOutput:
-    """Match this rank's images, merge on rank 0, and give every rank the metrics."""
+    """Match this rank's images, merge on rank 0, and give every rank the metrics.
+
+    Rank 0 keeps its own records; every other rank sends its per-image match records and its result
+    records as arrays (MatchColumns, ResultColumns), which rank 0 turns back into records once.
+    """
     oks_sigmas = check_sigmas(sigmas, index.meta.num_keypoints)
     library = backend_for(backend)
-    local_gt = library.coco(ground_truth(index, local_positions))
-    local_dts = detection_sets(library, local_gt, local_results, tuple(STAT_NAMES), keypoint_area)
-    local_ids = [int(index.image_ids[i]) for i in local_positions.tolist()]
-    parts = {t: library.match(local_gt, local_dts[t], t, oks_sigmas, local_ids) for t in STAT_NAMES}
-    gathered = distributed.gather_objects((parts, local_results))
-    output = None
-    if gathered is not None:
-        results = [r for _, rank_results in gathered for r in rank_results]
-        stats = {t: library.merge(t, [rank_parts[t] for rank_parts, _ in gathered]) for t in STAT_NAMES}
-        output = EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
+    parts = rank_matches(library, index, local_positions, local_results, oks_sigmas, keypoint_area)
+    sent = None if distributed.is_main_process() else rank_payload(library, parts, local_results)
+    gathered = distributed.gather_objects(sent)
+    output = merge_ranks(library, parts, local_results, gathered[1:]) if gathered is not None else None
     metrics = distributed.broadcast_object(output.metrics if output else None)
     return output or EvalOutput(metrics, None, "")
+
+
+def rank_matches(library: EvalBackend, index: KeypointIndex, positions: np.ndarray, results: list[dict[str, Any]],
+                 oks_sigmas: np.ndarray, keypoint_area: str = "keypoints") -> dict[str, ImageMatches]:
+    """One rank's per-image matching of its images (positions in the index) against its results, per iou type."""
+    gt = library.coco(ground_truth(index, positions))
+    dts = detection_sets(library, gt, results, tuple(STAT_NAMES), keypoint_area)
+    image_ids = [int(index.image_ids[i]) for i in positions.tolist()]
+    return {t: library.match(gt, dts[t], t, oks_sigmas, image_ids) for t in STAT_NAMES}
+
+
+def rank_payload(library: EvalBackend, parts: dict[str, ImageMatches], results: list[dict[str, Any]]
+                 ) -> tuple[dict[str, MatchColumns], ResultColumns]:
+    """What a rank other than 0 sends: its match records and result records as arrays."""
+    return {t: library.columns(p) for t, p in parts.items()}, ResultColumns.from_records(results)
+
+
+def merge_ranks(library: EvalBackend, own_parts: dict[str, ImageMatches], own_results: list[dict[str, Any]],
+                sent: list[tuple[dict[str, MatchColumns], ResultColumns]]) -> EvalOutput:
+    """Rank 0's merge of its own records and what the other ranks sent (in rank order)."""
+    ranks_parts = [own_parts] + [{t: library.from_columns(c) for t, c in columns.items()} for columns, _ in sent]
+    results = own_results + [r for _, result_columns in sent for r in result_columns.records()]
+    stats = {t: library.merge(t, [rank_parts[t] for rank_parts in ranks_parts]) for t in STAT_NAMES}
+    return EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
 
 
 def write_outputs(folder: RunFolder, step: int, output: EvalOutput) -> str:

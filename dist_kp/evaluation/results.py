@@ -2,13 +2,19 @@
 
 A results list that COCO evaluation cannot take is refused naming the source, the first bad
 record and the rule (`check_results`); OKS sigmas are checked against the skeleton (`check_sigmas`).
+A rank sends its records to rank 0 as arrays, one per field (`ResultColumns`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import itertools
 import json
 import logging
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -101,6 +107,62 @@ def outputs_to_results(
             for image_id, box, kps, score in zip(ids, round_half_even(boxes, 2).tolist(),
                                                  round_half_even(keypoints.reshape(len(ids), -1), 2).tolist(),
                                                  round_half_even(scores, 4).tolist())]
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while many containers are built at once (they hold no cycles).
+
+    Each collection walks every container still alive, so building N records costs O(N^2) without this.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+RESULT_KEYS = ("image_id", "category_id", "bbox", "keypoints", "score")  # outputs_to_results' records, in order
+
+
+@dataclass
+class ResultColumns:
+    """COCO result records as outputs_to_results makes them, one array per field: what a rank sends
+    to rank 0 (a few buffers to pickle, not a Python object per value)."""
+
+    image_ids: np.ndarray  # int64
+    category_ids: np.ndarray  # int64
+    boxes: np.ndarray  # float64 (N, 4)
+    keypoints: np.ndarray  # float64 (N, 3 x keypoints)
+    scores: np.ndarray  # float64
+
+    @classmethod
+    def from_records(cls, results: list[dict[str, Any]]) -> ResultColumns:
+        """The records' arrays; a record with other keys than outputs_to_results' is refused (it would be lost)."""
+        other = next((i for i, r in enumerate(results) if r.keys() != set(RESULT_KEYS)), None)
+        if other is not None:
+            raise EvaluationError(f"result record {other} {_record_text(results[other])} has other keys than "
+                                  f"{', '.join(RESULT_KEYS)}: it cannot be sent to rank 0 as arrays")
+        n = len(results)
+        width = len(results[0]["keypoints"]) if n else 0
+
+        def flat(key: str, size: int) -> np.ndarray:
+            return np.fromiter(itertools.chain.from_iterable(r[key] for r in results), np.float64, n * size)
+
+        return cls(np.fromiter((r["image_id"] for r in results), np.int64, n),
+                   np.fromiter((r["category_id"] for r in results), np.int64, n),
+                   flat("bbox", 4).reshape(n, 4), flat("keypoints", width).reshape(n, width),
+                   np.fromiter((r["score"] for r in results), np.float64, n))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The records again, equal to the ones sent (values and types; keys in outputs_to_results' order)."""
+        with paused_gc():
+            return [{"image_id": image_id, "category_id": category_id, "bbox": box, "keypoints": kps, "score": score}
+                    for image_id, category_id, box, kps, score in zip(
+                        self.image_ids.tolist(), self.category_ids.tolist(), self.boxes.tolist(),
+                        self.keypoints.tolist(), self.scores.tolist())]
 
 
 def _record_text(record: Any) -> str:
