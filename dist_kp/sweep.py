@@ -555,6 +555,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             missing.append("--slurm or --local")
         if missing:
             parser.error(f"a sweep needs {', '.join(missing)} (or --status SWEEP_DIR)")
+        if args.seed is not None and args.random is None:
+            parser.error("--seed chooses the points of --random N: give --random too, or drop --seed")
     return args
 
 

@@ -119,6 +119,10 @@ def test_a_grid_value_the_config_refuses_names_the_trial_before_anything_is_writ
     with pytest.raises(SystemExit):
         sweep.main(["--config", str(TINY_CONFIG), "--out", str(tmp_path / "s"), "--grid", "optim.lr=[1]"])
     assert "or --local (or --status SWEEP_DIR)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--config", str(TINY_CONFIG), "--out", str(tmp_path / "s"), "--grid", "optim.lr=[1]", "--local",
+                    "--seed", "3"])
+    assert "--seed chooses the points of --random N: give --random too" in capsys.readouterr().err
 
 
 def test_a_trial_the_config_refuses_is_named_with_its_overrides(tmp_path: Path) -> None:
