@@ -1,7 +1,7 @@
 """dist-kp: the console command of dist_kp (installed by pip with the package).
 
 usage:
-  dist-kp {train,evaluate,predict,report,export,synthetic,submit} [ARGUMENTS ...]
+  dist-kp {train,evaluate,predict,report,export,synthetic,submit,sweep} [ARGUMENTS ...]
   dist-kp --version
 
 Each command takes exactly the arguments of `python -m dist_kp.COMMAND` (`dist-kp train --help`);
@@ -28,6 +28,7 @@ COMMANDS = {
     "export": ("dist_kp.export", "write the model as ONNX (fixed input size) or TorchScript, plus a JSON sidecar"),
     "synthetic": ("dist_kp.data.synthetic", "write a synthetic COCO person-keypoints dataset (demo, tests)"),
     "submit": ("dist_kp.submit", "submit the training through submitit to SLURM, or run it in a local process"),
+    "sweep": ("dist_kp.sweep", "one training per point of a grid of overrides: a SLURM job array, or local; --status"),
 }
 
 

@@ -74,10 +74,8 @@ class TrainingJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(TrainingJob(self.config, self.overrides))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dist-kp submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config of the training, or a packaged config's name")
+def add_slurm_arguments(parser: argparse.ArgumentParser, job_name: str = "dist_kp") -> None:
+    """The SLURM request of one training (`dist-kp submit`, and each trial of `dist-kp sweep`)."""
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default: %(default)s)")
     parser.add_argument("--gpus-per-node", type=int, default=8,
                         help="GPUs per node, also the number of workers per node (default: %(default)s)")
@@ -91,7 +89,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time", type=int, default=2880, help="time limit in minutes (default: %(default)s)")
     parser.add_argument("--signal-delay", type=int, default=120,
                         help="seconds between SIGUSR1 and the kill (default: %(default)s)")
-    parser.add_argument("--job-name", default="dist_kp", help="SLURM job name (default: %(default)s)")
+    parser.add_argument("--job-name", default=job_name, help="SLURM job name (default: %(default)s)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dist-kp submit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config of the training, or a packaged config's name")
+    add_slurm_arguments(parser)
     parser.add_argument("--logs", help="folder for submitit's logs and pickles, seen by this host and every node "
                         "(default: OUTPUT_DIR/submitit; required when output_dir is an object-store URL)")
     parser.add_argument("--local", action="store_true", help="run in a local process instead of SLURM")
