@@ -57,7 +57,7 @@ from dist_kp.storage import Storage, local_path
 REPO = Path(__file__).resolve().parents[1]
 COCO_CONFIG = REPO / "configs/coco_kp_r50_fpn.yaml"
 COCO_SIZES = [(640, 480), (640, 480), (480, 640), (640, 640)]  # (width, height): mostly landscape, as COCO
-TARGETS = (20, 40, 80, 160)  # img/s per GPU the sizing table is given for
+TARGETS = (40, 100, 200, 400, 800)  # img/s per GPU the sizing table is given for
 log = logging.getLogger("bench_loader")
 
 
