@@ -81,9 +81,9 @@ def add_slurm_arguments(parser: argparse.ArgumentParser, job_name: str = "dist_k
                         help="GPUs per node, also the number of workers per node (default: %(default)s)")
     parser.add_argument("--tasks-per-node", type=int,
                         help="workers per node (default: --gpus-per-node, at least 1)")
-    parser.add_argument("--cpus-per-task", type=int, default=10,
-                        help="CPUs per worker: its data-loader workers (train.workers) and a few threads "
-                        "(default: %(default)s)")
+    parser.add_argument("--cpus-per-task", type=int, default=4,
+                        help="CPUs per worker: its data-loader workers (train.workers) and 2 for itself; "
+                        "README 'Sizing CPUs per GPU' (default: %(default)s)")
     parser.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
     parser.add_argument("--account", help="SLURM account (default: yours)")
     parser.add_argument("--time", type=int, default=2880, help="time limit in minutes (default: %(default)s)")

@@ -17,12 +17,15 @@
 #              to the srun line (pyxis/enroot; --container-env lets this script's values win over the image's),
 #              or prefix the python command with `apptainer exec --nv dist_kp.sif` (see docker/README.md)
 #   PYTHON:    the interpreter of the environment with dist_kp installed (default: python3 on PATH)
-# CPUs: 10 per GPU task: the COCO config's 8 data-loader workers (train.workers) and 2 OpenMP threads.
+# CPUs: 4 per GPU task: the COCO config's 2 data-loader workers (train.workers) and 2 for the training
+# process. bench/bench_loader.py measured one worker at about 220 COCO-size img/s per core (README,
+# "Sizing CPUs per GPU"): 2 workers are 11x the 40 img/s per GPU dist_kp aims at. Images on object
+# storage need more workers (they wait on requests), not more cores.
 #SBATCH --job-name=dist_kp
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=10
+#SBATCH --cpus-per-task=4
 #SBATCH --mem=0
 #SBATCH --time=48:00:00
 #SBATCH --signal=USR1@120

@@ -111,7 +111,7 @@ def test_submit_help_shows_the_defaults(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         cli.main(["submit", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    for default in ("(default: 1)", "(default: 8)", "(default: 10)", "(default: 2880)", "(default: 120)",
+    for default in ("(default: 1)", "(default: 8)", "(default: 4)", "(default: 2880)", "(default: 120)",
                     "(default: dist_kp)", "(default: OUTPUT_DIR/submitit;"):
         assert default in shown, default
 

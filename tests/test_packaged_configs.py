@@ -1,4 +1,5 @@
-"""What the shipped configs give a newcomer: no wait for W&B on an offline node, one rule for other batch sizes."""
+"""What the shipped configs give a newcomer: no wait for W&B on an offline node, one rule for other batch sizes,
+loader workers that fit the CPUs the SLURM scripts ask per GPU."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 import pytest
 import yaml
 
+from dist_kp import submit
 from dist_kp.config import load_config
 from dist_kp.config.packaged import CONFIG_DIR, packaged_config_names
 from dist_kp.engine.schedule import batch_scaling
@@ -34,3 +36,15 @@ def test_the_scaling_rule_keeps_the_recipes_lr_per_image_and_warmup_images_and_t
         assert " ".join(overrides) in readme and re.search(rf"{' '.join(overrides)}\b", " ".join(config.split()))
         scaled = batch_scaling(load_config("coco_kp_r50_fpn", list(overrides)), world_size=batch // 2)
         assert "= 0.00125 per image" in scaled and "= 16,000 images" in scaled, scaled
+
+
+def test_every_place_that_asks_cpus_per_gpu_asks_the_same_and_the_gpu_configs_workers_leave_two_for_training() -> None:
+    # README "Sizing CPUs per GPU": train.workers loader workers + 2 cores for the training process itself.
+    asked = {path: re.findall(r"^#SBATCH --cpus-per-task=(\d+)$", (REPO / path).read_text(), re.MULTILINE)
+             for path in ("slurm/train_8gpu.sh", "docker/README.md")}
+    asked = {path: int(found[0]) for path, found in asked.items() if len(found) == 1} | {
+        "dist-kp submit": submit.parse_args(["--config", "coco_kp_r50_fpn"]).cpus_per_task}
+    assert len(asked) == 3 and len(set(asked.values())) == 1, asked
+    cpus = asked["dist-kp submit"]
+    for name in ("coco_kp_r50_fpn", "finetune_custom_skeleton"):
+        assert load_config(name).train.workers == cpus - 2, (name, cpus)
