@@ -84,8 +84,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"test order shuffled with seed {seed} (the same order again: --shuffle {seed})")
 
 
-@pytest.fixture(autouse=True)
-def logging_as_found():
+@contextlib.contextmanager
+def logging_kept() -> Iterator[None]:
     """A command's main() run in-process (export, evaluate, train) calls setup_logging, which puts a
     handler on this test's captured stderr onto the root logger and sets INFO levels. Left there, a
     later test writes to a closed file and catches INFO records it did not ask for (seen: a test of
@@ -94,15 +94,24 @@ def logging_as_found():
     levels = {name: logger.level for name, logger in logging.Logger.manager.loggerDict.items()
               if isinstance(logger, logging.Logger)}
     root_level = root.level
-    yield
-    for handler in root.handlers[:]:
-        if any(type(f).__name__ == "RankFilter" for f in handler.filters):  # distributed.setup_logging's
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(root_level)
-    for name, logger in logging.Logger.manager.loggerDict.items():
-        if isinstance(logger, logging.Logger):
-            logger.setLevel(levels.get(name, logging.NOTSET))
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if any(type(f).__name__ == "RankFilter" for f in handler.filters):  # distributed.setup_logging's
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(root_level)
+        for name, logger in logging.Logger.manager.loggerDict.items():
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(levels.get(name, logging.NOTSET))
+
+
+@pytest.fixture(autouse=True)
+def logging_as_found():
+    """Every test leaves logging as it found it (see logging_kept)."""
+    with logging_kept():
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -125,6 +134,20 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(data_root: Path, output_dir: str | Path, *extra: str) -> list[str]:
     """Overrides that make the tiny config run in seconds on the test dataset."""
     return [f"data.root={data_root}", f"output_dir={output_dir}", "train.log_every=1", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_final(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model_final.pt of the tiny model trained 20 steps in this process by the training command's main(),
+    shared by the files that need some trained weights (evaluation on 1-3 processes, predict)."""
+    from dist_kp.train import main as train_main
+
+    out = tmp_path_factory.mktemp("tiny_trained")
+    with logging_kept():  # built inside the first user's setup, before its logging_as_found looks
+        assert train_main(["--config", str(TINY_CONFIG), *tiny_overrides(
+            synthetic_root, out, "train.max_steps=20", "train.workers=0", "eval.every_epochs=0",
+            "eval.at_end=false")]) == 0
+    return out / "model_final.pt"
 
 
 # Set by wandb in this process when an in-process test starts a W&B run: a child would join that service.

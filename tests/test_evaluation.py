@@ -270,25 +270,15 @@ def test_sigmas_ten_times_too_large_are_refused_naming_the_convention(synthetic_
     assert load_config(TINY_CONFIG, [f"eval.sigmas={COCO_TRUE_SIGMAS}"]).eval.sigmas == COCO_TRUE_SIGMAS
 
 
-@pytest.fixture(scope="module")
-def trained_weights(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("eval_weights")
-    check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
-        synthetic_root, out, "train.max_steps=15", "train.workers=0", "eval.every_epochs=0", "eval.at_end=false")]))
-    weights = out / "model_final.pt"
-    assert weights.exists()
-    return weights
-
-
 def test_same_weights_give_identical_metrics_on_1_2_and_3_processes(
-    trained_weights: Path, synthetic_root: Path, tmp_path: Path
+    tiny_model_final: Path, synthetic_root: Path, tmp_path: Path
 ) -> None:
     runs = {"faster_1": (1, "faster_coco_eval"), "faster_2": (2, "faster_coco_eval"),
             "faster_3": (3, "faster_coco_eval"), "pycocotools_2": (2, "pycocotools")}
     metrics, results = {}, {}
     for name, (nproc, backend) in runs.items():
         out = tmp_path / name
-        check(run_module("dist_kp.evaluate", ["--config", str(TINY_CONFIG), "--weights", str(trained_weights),
+        check(run_module("dist_kp.evaluate", ["--config", str(TINY_CONFIG), "--weights", str(tiny_model_final),
                                               f"data.root={synthetic_root}", f"output_dir={out}", "train.workers=0",
                                               f"eval.backend={backend}"], nproc=nproc))
         metrics[name] = json.loads((out / "eval/00000000/metrics.json").read_text())

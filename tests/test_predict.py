@@ -23,15 +23,6 @@ FIVE_KEYPOINTS = {"category_id": 3, "keypoint_names": ["head", "left_hand", "rig
 
 
 @pytest.fixture(scope="module")
-def trained_weights(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """model_final.pt of a briefly trained tiny model (real training CLI)."""
-    out = tmp_path_factory.mktemp("predict_run")
-    check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
-        synthetic_root, out, "train.max_steps=20", "train.workers=0", "eval.every_epochs=0", "eval.at_end=false")]))
-    return out / "model_final.pt"
-
-
-@pytest.fixture(scope="module")
 def five_keypoint_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights file of a custom 5-keypoint skeleton, written as training writes model_final.pt."""
     cfg = load_config(TINY_CONFIG, [])
@@ -46,10 +37,10 @@ def predict(*args: str, env: dict | None = None) -> object:
 
 
 def test_pictures_and_results_of_every_image_and_the_results_evaluate(
-        trained_weights: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        tiny_model_final: Path, synthetic_root: Path, tmp_path: Path) -> None:
     val_images = sorted((synthetic_root / "val2017").glob("*.jpg"))
     out = tmp_path / "out"
-    check(predict("--weights", str(trained_weights), "--images", str(synthetic_root / "val2017"), "--out", str(out),
+    check(predict("--weights", str(tiny_model_final), "--images", str(synthetic_root / "val2017"), "--out", str(out),
                   "--score-threshold", "0.05"))
 
     results = json.loads((out / "results.json").read_text())
@@ -72,7 +63,7 @@ def test_pictures_and_results_of_every_image_and_the_results_evaluate(
 
 
 def test_missing_and_undecodable_images_are_named_and_the_others_done(
-        trained_weights: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        tiny_model_final: Path, synthetic_root: Path, tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     good = sorted((synthetic_root / "val2017").glob("*.jpg"))[:2]
@@ -86,7 +77,7 @@ def test_missing_and_undecodable_images_are_named_and_the_others_done(
     broken.write_bytes(b"GIF89a not a jpeg either")
     out = tmp_path / "out"
 
-    result = predict("--weights", str(trained_weights), "--images", str(folder), str(missing), str(broken), "--out", str(out),
+    result = predict("--weights", str(tiny_model_final), "--images", str(folder), str(missing), str(broken), "--out", str(out),
                      "--score-threshold", "0")
 
     assert result.returncode == 1, result.stderr[-3000:]
