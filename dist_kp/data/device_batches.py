@@ -13,7 +13,7 @@ either way (GeneralizedRCNNTransform). On a CPU run, device decoding runs the sa
 CPU, in the training process.
 
 data.prefetch on CUDA prepares the next batch on a side stream while the current step runs
-(`CudaPrefetcher`); elsewhere batches are prepared when asked for.
+(`BatchPrefetcher`); elsewhere batches are prepared when asked for.
 """
 
 from __future__ import annotations
@@ -83,13 +83,14 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-class CudaPrefetcher:
-    """Iterate `prepare(item)` for each item of `items`, preparing the next one on a side CUDA stream while
-    the caller works on the current one.
+class BatchPrefetcher:
+    """Iterate `prepare(item)` for each item of `items`, in order. On a CUDA device the next item is prepared on
+    a side stream while the caller works on the current one; on any other device each is prepared when asked
+    for (a plain pass-through).
 
-    The main stream waits for the side stream before a prepared item is handed out, and every tensor of
-    it is recorded on the main stream (record_stream), so the caching allocator does not reuse its memory
-    for the next item while the step still reads it.
+    CUDA: the main stream waits for the side stream before a prepared item is handed out, and every CUDA
+    tensor of it is recorded on the main stream (record_stream), so the caching allocator does not reuse
+    its memory for the next item while the step still reads it.
     """
 
     def __init__(self, items: Iterable[T], prepare: Callable[[T], Any], device: torch.device) -> None:
@@ -98,6 +99,11 @@ class CudaPrefetcher:
         self.device = device
 
     def __iter__(self) -> Iterator[Any]:
+        if self.device.type != "cuda":
+            return (self.prepare(item) for item in self.items)
+        return self._side_stream()
+
+    def _side_stream(self) -> Iterator[Any]:
         stream = torch.cuda.Stream(self.device)
         source = iter(self.items)
 
@@ -122,14 +128,14 @@ class CudaPrefetcher:
 class DeviceBatches:
     """The training loader's batches, (images float [0, 1], targets, skipped images), on the training device.
 
-    prefetch: on CUDA, prepare the next batch on a side stream (CudaPrefetcher); elsewhere it changes nothing.
+    prefetch: on CUDA, prepare the next batch on a side stream (BatchPrefetcher); elsewhere it changes nothing.
     `dataset` and `len()` are the loader's.
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader, device: torch.device, prefetch: bool = False) -> None:
         self.loader = loader
         self.device = device
-        self.prefetch = prefetch and device.type == "cuda"
+        self.prefetch = prefetch
         self.flip_permutation: list[int] = getattr(loader.dataset, "flip_permutation", [])
 
     @property
@@ -146,5 +152,5 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.prefetch:
-            return iter(CudaPrefetcher(self.loader, self.prepare, self.device))
+            return iter(BatchPrefetcher(self.loader, self.prepare, self.device))
         return (self.prepare(batch) for batch in self.loader)
