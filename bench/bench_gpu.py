@@ -19,8 +19,8 @@ The model is built by dist_kp.model.build_model from the config (the defaults ar
 keypointrcnn_resnet50_fpn), with random weights: nothing is downloaded.
 
 The correctness pass runs the real commands in this process on the same data: train 20 steps
-with every option but compile on (checkpoint at steps 10 and 20), resume a second run from step
-10 to 20 and compare the weights bit for bit (on CUDA RoIAlign's backward adds with atomics, so
+(--correctness-steps) with every option but compile on (checkpoint at steps 10 and 20), resume a
+second run from step 10 to 20 and compare the weights bit for bit (on CUDA RoIAlign's backward adds with atomics, so
 a difference there is reported, not hidden), evaluate, predict and export the final weights.
 """
 
@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +50,10 @@ from torchvision.transforms.v2 import functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's dist_kp is the one measured, whatever is installed
 
-from dist_kp.config import load_config  # noqa: E402 - after the path
+from dist_kp.config import load_config
 from dist_kp.data.device_batches import DeviceBatches
 from dist_kp.data.loaders import build_train_loader, train_index
-from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES, generate
+from dist_kp.data.synthetic import generate
 from dist_kp.engine.schedule import build_optimizer
 from dist_kp.model.execution import apply_execution_options
 from dist_kp.model.keypoint_rcnn import build_model
@@ -220,8 +220,8 @@ class Row:
     optimizer_ms: float = 0.0
     step_ms: float = 0.0
     peak_memory_mb: float = 0.0
+    seconds: float = 0.0  # the row's wall time: building, warmup and timed steps
     error: str | None = None
-    phases: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
 
 class PhaseClock:
@@ -362,14 +362,15 @@ def weights_difference(a: Path, b: Path) -> dict[str, Any]:
             "max_abs_difference": largest, "first_differing": differ[:5]}
 
 
-def correctness_pass(size: Sizes, root: Path, work: Path, device: torch.device) -> dict[str, Any]:
+def correctness_pass(size: Sizes, root: Path, work: Path, device: torch.device, steps: int) -> dict[str, Any]:
+    """Train `steps` steps (checkpoints at steps / 2 and steps), resume a second run from the half, compare."""
     from dist_kp import evaluate, export, predict, train
 
     config = str(size.config)
     options = ["train.batch_size=2", "train.precision=bf16", *ALL_OPTIONS]
     common = [*size.overrides, f"data.root={root}", f"data.cache_dir={work / 'cache'}", *options,
               f"train.workers={min(size.workers, 2)}", "eval.every_epochs=0", "eval.at_end=false",
-              "checkpoint.every_steps=10", "train.log_every=10"]
+              f"checkpoint.every_steps={steps // 2}", f"train.log_every={steps // 2}"]
     result: dict[str, Any] = {"options": options}
 
     def command(name: str, main: Callable[[list[str]], int], argv: list[str]) -> None:
@@ -381,11 +382,11 @@ def correctness_pass(size: Sizes, root: Path, work: Path, device: torch.device) 
         result[name] = {"exit_status": status, "seconds": round(time.perf_counter() - start, 1)}
 
     first, second = work / "run_a", work / "run_b"
-    command("train_20_steps", train.main, ["--config", config, *common, f"output_dir={first}",
-                                           "train.max_steps=20"])
-    command("resume_from_step_10", train.main, ["--config", config, *common, f"output_dir={second}",
-                                                "train.max_steps=20",
-                                                f"checkpoint.resume={first / 'checkpoints/step_10'}"])
+    command("train", train.main, ["--config", config, *common, f"output_dir={first}", f"train.max_steps={steps}"])
+    command("resume_from_half", train.main, ["--config", config, *common, f"output_dir={second}",
+                                             f"train.max_steps={steps}",
+                                             f"checkpoint.resume={first / f'checkpoints/step_{steps // 2}'}"])
+    result["steps"] = steps
     final_a, final_b = first / "model_final.pt", second / "model_final.pt"
     if final_a.is_file() and final_b.is_file():
         result["resume"] = weights_difference(final_a, final_b)
@@ -406,54 +407,71 @@ def correctness_pass(size: Sizes, root: Path, work: Path, device: torch.device) 
     return result
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="the whole matrix on the CPU with the tiny config")
-    parser.add_argument("--steps", type=int, help="timed steps per row (default: 15 on CUDA, 2 in a dry run)")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 in a dry run)")
-    parser.add_argument("--out", default="bench_gpu.json", help="JSON file of the rows and the correctness pass")
-    parser.add_argument("--skip-correctness", action="store_true", help="measure the rows only")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("dist_kp",):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not args.dry_run and not torch.cuda.is_available():
-        parser.error("no CUDA device: run on a GPU, or pass --dry-run for the CPU rehearsal")
-    size = sizes(args.dry_run, args.steps, args.warmup)
-    device = torch.device("cpu" if args.dry_run else "cuda")
-    started = time.perf_counter()
-    report: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "dry_run": args.dry_run, "torch": torch.__version__, "config": str(size.config.relative_to(REPO)),
-        "warmup_steps": size.warmup, "timed_steps": size.steps, "loader_workers": size.workers,
-    }
-    with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
-        root = coco_size_dataset(Path(tmp) / "data", size.train_images, size.scale)
-        rows = []
-        for setting in matrix(size.batches):
-            log.info("row %s batch %d %s %s", setting.name, setting.batch, setting.precision,
-                     " ".join(setting.overrides))
-            if args.dry_run and OPTIONS["compile_backbone"] in setting.overrides:
-                rows.append(Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
-                                error=COMPILE_NOT_IN_DRY_RUN))
-                continue
-            try:
-                rows.append(run_row(setting, size, root, Path(tmp) / "cache"))
-            except Exception as error:  # noqa: BLE001 - one failing option must not lose the others' numbers
-                log.exception("row %s failed", setting.name)
-                rows.append(Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
-                                error=f"{type(error).__name__}: {error}"))
-            release_memory()
-        report["rows"] = [{k: v for k, v in asdict(r).items() if k != "phases"} for r in with_ratios(rows)]
-        if not args.skip_correctness:
-            report["correctness"] = correctness_pass(size, root, Path(tmp) / "correctness", device)
+def summary(report: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
+    """The report with the rows so far, their ratios and the fastest dist_kp row."""
+    report["rows"] = [asdict(r) for r in with_ratios(rows)]
     measured = [r for r in rows if not r.error and r.name != "baseline"]
     best = max(measured, key=lambda r: r.images_per_s, default=None)
     report["best"] = None if best is None else {"name": best.name, "batch": best.batch, "precision": best.precision,
                                                  "images_per_s": best.images_per_s,
                                                  "ratio_to_baseline": best.ratio_to_baseline}
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="the whole matrix on the CPU with the tiny config")
+    parser.add_argument("--steps", type=int, help="timed steps per row (default: 15 on CUDA, 2 in a dry run)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: 5 on CUDA, 1 in a dry run)")
+    parser.add_argument("--rows", nargs="+", metavar="NAME", help="only these rows (baseline, dist_kp, all, "
+                        f"all+compile, {', '.join(OPTIONS)}); default: every row")
+    parser.add_argument("--out", default="bench_gpu.json", help="JSON file of the rows and the correctness pass "
+                        "(rewritten after every row: a run cut short keeps what it measured)")
+    parser.add_argument("--skip-correctness", action="store_true", help="measure the rows only")
+    parser.add_argument("--correctness-steps", type=int, default=20, help="training steps of the correctness pass "
+                        "(even: the second run resumes from the half; default: %(default)s)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("dist_kp").setLevel(logging.WARNING)
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU, or pass --dry-run for the CPU rehearsal")
+    size = sizes(args.dry_run, args.steps, args.warmup)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    started = time.perf_counter()
+    out = Path(args.out)
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dry_run": args.dry_run, "torch": torch.__version__, "config": str(size.config.relative_to(REPO)),
+        "warmup_steps": size.warmup, "timed_steps": size.steps, "loader_workers": size.workers,
+    }
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
+        root = coco_size_dataset(Path(tmp) / "data", size.train_images, size.scale)
+        for setting in matrix(size.batches):
+            if args.rows and setting.name not in args.rows:
+                continue
+            log.info("row %s batch %d %s %s", setting.name, setting.batch, setting.precision,
+                     " ".join(setting.overrides))
+            row_started = time.perf_counter()
+            if args.dry_run and OPTIONS["compile_backbone"] in setting.overrides:
+                row = Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
+                          error=COMPILE_NOT_IN_DRY_RUN)
+            else:
+                try:
+                    row = run_row(setting, size, root, Path(tmp) / "cache")
+                except Exception as error:  # noqa: BLE001 - one failing option must not lose the others' numbers
+                    log.exception("row %s failed", setting.name)
+                    row = Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
+                              error=f"{type(error).__name__}: {error}")
+                release_memory()
+            row.seconds = round(time.perf_counter() - row_started, 1)
+            rows.append(row)
+            out.write_text(json.dumps(summary(report, rows), indent=2, default=str))
+        if not args.skip_correctness:
+            report["correctness"] = correctness_pass(size, root, Path(tmp) / "correctness", device,
+                                                     args.correctness_steps)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    out.write_text(json.dumps(summary(report, rows), indent=2, default=str))
     print(table(rows))
     print(json.dumps({k: report[k] for k in ("device", "best", "seconds")}, default=str))
     if "correctness" in report:

@@ -16,9 +16,9 @@ COMPILED = {"compile_backbone", "all+compile"}
 
 def test_the_dry_run_measures_every_row_of_the_matrix_and_passes_the_correctness_pass(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, "bench/bench_gpu.py", "--dry-run", "--steps", "1", "--warmup", "0",
-                             "--out", str(out)], cwd=REPO, env=child_env(), capture_output=True, text=True,
-                            timeout=900)
+    command = [sys.executable, "bench/bench_gpu.py", "--dry-run", "--steps", "1", "--warmup", "0",
+               "--correctness-steps", "4", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(out.read_text())
     rows = {(r["name"], r["batch"], r["precision"]): r for r in report["rows"]}
@@ -38,7 +38,7 @@ def test_the_dry_run_measures_every_row_of_the_matrix_and_passes_the_correctness
     assert "| all | 4 | bf16 |" in result.stdout  # the table
     correctness = report["correctness"]
     assert "data.decode=device" in correctness["options"] and "train.channels_last=true" in correctness["options"]
-    for command in ("train_20_steps", "resume_from_step_10", "evaluate", "predict"):
+    for command in ("train", "resume_from_half", "evaluate", "predict"):
         assert correctness[command]["exit_status"] == 0, (command, correctness[command])
     assert [correctness[k]["exit_status"] for k in correctness if k.startswith("export_")] == [0]
     assert correctness["resume"]["bit_exact"], correctness["resume"]  # on the CPU, with every option on

@@ -21,6 +21,7 @@ from dist_kp.data.coco import EncodedImage, SampleKey
 from dist_kp.data.device_batches import BatchPrefetcher, DeviceBatches
 from dist_kp.data.loaders import build_train_loader, train_index
 from dist_kp.data.synthetic import generate
+from dist_kp.engine.run_state import identity_changes
 from dist_kp.engine.schedule import apply_optim_config, build_optimizer, build_scheduler
 from dist_kp.engine.trainer import Trainer
 from dist_kp.model.execution import apply_execution_options, check_execution_options
@@ -175,3 +176,10 @@ def test_compiling_the_backbone_and_channels_last_keep_the_model_and_its_checkpo
     assert all(torch.equal(state[k], eager_state[k]) for k in state)
     conv = model.backbone.body.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_every_option_may_change_on_resume_none_makes_it_another_run() -> None:
+    changed = {"train.channels_last": (False, True), "train.cudnn_benchmark": (False, True),
+               "train.compile": ("none", "backbone"), "optim.implementation": ("default", "fused"),
+               "data.decode": ("loader", "device"), "data.prefetch": (False, True)}
+    assert identity_changes(changed) == []

@@ -18,7 +18,6 @@ data.prefetch on CUDA prepares the next batch on a side stream while the current
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -28,8 +27,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from dist_kp.data.coco import EncodedImage
 from dist_kp.data.index import DataError
 from dist_kp.data.transforms import horizontal_flip
-
-log = logging.getLogger(__name__)
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], int]
 T = TypeVar("T")
