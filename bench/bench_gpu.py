@@ -59,6 +59,7 @@ from dist_kp.model.execution import apply_execution_options
 from dist_kp.model.keypoint_rcnn import build_model
 from dist_kp.model.precision import autocast, grad_scaler
 from dist_kp.storage import Storage
+from dist_kp.storage.run_folder import checkpoint_name
 
 log = logging.getLogger("bench_gpu")
 
@@ -385,7 +386,7 @@ def correctness_pass(size: Sizes, root: Path, work: Path, device: torch.device, 
     command("train", train.main, ["--config", config, *common, f"output_dir={first}", f"train.max_steps={steps}"])
     command("resume_from_half", train.main, ["--config", config, *common, f"output_dir={second}",
                                              f"train.max_steps={steps}",
-                                             f"checkpoint.resume={first / f'checkpoints/step_{steps // 2}'}"])
+                                             f"checkpoint.resume={first / 'checkpoints' / checkpoint_name(steps // 2)}"])
     result["steps"] = steps
     final_a, final_b = first / "model_final.pt", second / "model_final.pt"
     if final_a.is_file() and final_b.is_file():
