@@ -7,21 +7,25 @@
 Every row trains `--steps` timed steps after `--warmup` untimed ones, on generated JPEGs (the
 synthetic set drawn 4x larger: 640x480, 480x640, 640x640 ... as COCO's) and reports images/s,
 the step's time split into data wait (the host waiting for the next batch on the device),
-forward, backward and optimizer (the device synchronised at each boundary), and peak GPU
-memory. Rows:
+forward, backward and optimizer (the step's CUDA stream synchronised at each boundary), and
+peak GPU memory. Rows:
   baseline   the reference scripts' loop: a default DataLoader (shuffled, no aspect-ratio groups)
              whose workers each decode one image with PIL and turn it into a float tensor with
              torchvision transforms (flip included), `model(images, targets)`, backward, plain SGD;
   dist_kp    dist_kp's loader, model and optimizer with every option of issue 23 off (its defaults);
-  all        every option on; each option alone at the largest batch in bf16.
-Each row's ratio is to the baseline of the same batch and precision, measured in this run.
+  all        every option on but compile (and foreach, which fused replaces);
+  <option>   each option alone, and all+compile, at the larger batch in bf16; the compile rows
+             run last, after the correctness pass (a dry run skips them: minutes on a CPU).
+Each row's ratio is to the baseline of the same batch and precision, measured in this run. The
+JSON is rewritten after every row; --rows NAME ... reruns some of them.
 The model is built by dist_kp.model.build_model from the config (the defaults are torchvision's
 keypointrcnn_resnet50_fpn), with random weights: nothing is downloaded.
 
 The correctness pass runs the real commands in this process on the same data: train 20 steps
-(--correctness-steps) with every option but compile on (checkpoint at steps 10 and 20), resume a
-second run from step 10 to 20 and compare the weights bit for bit (on CUDA RoIAlign's backward adds with atomics, so
-a difference there is reported, not hidden), evaluate, predict and export the final weights.
+(--correctness-steps) in bf16 with every option but compile on (checkpoints at steps 10 and 20),
+resume a second run from step 10 to 20 and compare the weights bit for bit (on CUDA RoIAlign's
+backward adds with atomics, so a difference there is reported, not hidden), then evaluate,
+predict and export the final weights.
 """
 
 from __future__ import annotations
@@ -408,6 +412,23 @@ def correctness_pass(size: Sizes, root: Path, work: Path, device: torch.device, 
     return result
 
 
+def timed_row(setting: Setting, size: Sizes, root: Path, cache: Path, dry_run: bool) -> Row:
+    """run_row, or the reason it did not run; with its wall time."""
+    log.info("row %s batch %d %s %s", setting.name, setting.batch, setting.precision, " ".join(setting.overrides))
+    started = time.perf_counter()
+    if dry_run and OPTIONS["compile_backbone"] in setting.overrides:
+        return Row(setting.name, setting.batch, setting.precision, list(setting.overrides), error=COMPILE_NOT_IN_DRY_RUN)
+    try:
+        row = run_row(setting, size, root, cache)
+    except Exception as error:  # noqa: BLE001 - one failing option must not lose the others' numbers
+        log.exception("row %s failed", setting.name)
+        row = Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
+                  error=f"{type(error).__name__}: {error}")
+    release_memory()
+    row.seconds = round(time.perf_counter() - started, 1)
+    return row
+
+
 def summary(report: dict[str, Any], rows: list[Row]) -> dict[str, Any]:
     """The report with the rows so far, their ratios and the fastest dist_kp row."""
     report["rows"] = [asdict(r) for r in with_ratios(rows)]
@@ -446,31 +467,21 @@ def main() -> int:
         "warmup_steps": size.warmup, "timed_steps": size.steps, "loader_workers": size.workers,
     }
     rows: list[Row] = []
+    settings = [s for s in matrix(size.batches) if not args.rows or s.name in args.rows]
+    compiled = [s for s in settings if OPTIONS["compile_backbone"] in s.overrides]
     with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
         root = coco_size_dataset(Path(tmp) / "data", size.train_images, size.scale)
-        for setting in matrix(size.batches):
-            if args.rows and setting.name not in args.rows:
-                continue
-            log.info("row %s batch %d %s %s", setting.name, setting.batch, setting.precision,
-                     " ".join(setting.overrides))
-            row_started = time.perf_counter()
-            if args.dry_run and OPTIONS["compile_backbone"] in setting.overrides:
-                row = Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
-                          error=COMPILE_NOT_IN_DRY_RUN)
-            else:
-                try:
-                    row = run_row(setting, size, root, Path(tmp) / "cache")
-                except Exception as error:  # noqa: BLE001 - one failing option must not lose the others' numbers
-                    log.exception("row %s failed", setting.name)
-                    row = Row(setting.name, setting.batch, setting.precision, list(setting.overrides),
-                              error=f"{type(error).__name__}: {error}")
-                release_memory()
-            row.seconds = round(time.perf_counter() - row_started, 1)
-            rows.append(row)
-            out.write_text(json.dumps(summary(report, rows), indent=2, default=str))
+
+        def measure_rows(chosen: list[Setting]) -> None:
+            for setting in chosen:
+                rows.append(timed_row(setting, size, root, Path(tmp) / "cache", args.dry_run))
+                out.write_text(json.dumps(summary(report, rows), indent=2, default=str))
+
+        measure_rows([s for s in settings if s not in compiled])
         if not args.skip_correctness:
             report["correctness"] = correctness_pass(size, root, Path(tmp) / "correctness", device,
                                                      args.correctness_steps)
+        measure_rows(compiled)  # last: their compile time must not cost the other numbers if the run is cut short
     report["seconds"] = round(time.perf_counter() - started, 1)
     out.write_text(json.dumps(summary(report, rows), indent=2, default=str))
     print(table(rows))
