@@ -348,7 +348,8 @@ def with_ratios(rows: list[Row]) -> list[Row]:
 def table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        values = [r.name if not r.error else f"{r.name} (failed: {r.error[:60]})", r.batch, r.precision,
+        status = "" if not r.error else " (skipped)" if r.error.startswith("skipped") else f" (failed: {r.error[:60]})"
+        values = [r.name + status, r.batch, r.precision,
                   f"{r.images_per_s:.1f}", "-" if r.ratio_to_baseline is None else f"{r.ratio_to_baseline:.2f}x",
                   f"{r.data_ms:.1f}", f"{r.forward_ms:.1f}", f"{r.backward_ms:.1f}", f"{r.optimizer_ms:.1f}",
                   f"{r.step_ms:.1f}", f"{r.peak_memory_mb:.0f}"]
