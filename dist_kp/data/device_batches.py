@@ -133,7 +133,7 @@ class DeviceBatches:
         self.loader = loader
         self.device = device
         self.prefetch = prefetch
-        self.flip_permutation: list[int] = getattr(loader.dataset, "flip_permutation", [])
+        self.flip_permutation: list[int] = loader.dataset.flip_permutation  # a KeypointDataset's
 
     @property
     def dataset(self) -> torch.utils.data.Dataset:
