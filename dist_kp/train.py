@@ -29,6 +29,7 @@ from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sec
 from dist_kp.config.fingerprint import config_fingerprint
 from dist_kp.data.fingerprint import data_fingerprint
 from dist_kp.data.flip_pairs import FlipPairs, training_flip_pairs
+from dist_kp.data.device_batches import DeviceBatches
 from dist_kp.data.index import DataError, KeypointIndex
 from dist_kp.data.index_cache import CachedKeypointIndex
 from dist_kp.data.loaders import build_train_loader, train_index, val_index, with_skeleton_defaults
@@ -56,6 +57,7 @@ from dist_kp.engine.trainer import Trainer
 from dist_kp.evaluation.backends import METRIC_NAMES
 from dist_kp.evaluation.evaluator import Evaluator
 from dist_kp.evaluation.results import EvaluationError
+from dist_kp.model.execution import apply_execution_options
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model, unwrap
 from dist_kp.model.precision import grad_scaler
 from dist_kp.storage.lease import RunFolderInUse, RunLease
@@ -155,17 +157,19 @@ def open_run_folder(cfg: Config, info: distributed.DistInfo, store: storage.Stor
 
 def build_trainer(cfg: Config, index: KeypointIndex, flips: FlipPairs, info: distributed.DistInfo,
                   store: storage.Storage) -> Trainer:
-    """The loader, the model (DDP when there are several processes), its optimizer, schedule and scaler."""
+    """The loader, the model (train.channels_last, train.compile; DDP when there are several processes), its
+    optimizer, schedule and scaler."""
     loader, sampler = build_train_loader(cfg, index, info.rank, info.world_size, info.device, store, flips)
     model = build_model(cfg.model, index.meta.num_keypoints, store, index.meta.keypoint_names).to(info.device)
+    apply_execution_options(model, cfg.train, info.device)
     if info.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
-    return Trainer(cfg.train, model, optimizer, scheduler, grad_scaler(cfg.train.precision, info.device), loader,
-                   sampler, info.device, cfg.optim.clip_grad_norm)
+    return Trainer(cfg.train, model, optimizer, scheduler, grad_scaler(cfg.train.precision, info.device),
+                   DeviceBatches(loader, info.device, cfg.data.prefetch), sampler, info.device, cfg.optim.clip_grad_norm)
 
 
 def run_state(cfg: Config, index: CachedKeypointIndex, trainer: Trainer, run_id: RunId,

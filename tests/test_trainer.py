@@ -11,12 +11,14 @@ import torch
 
 from dist_kp import Hook
 from dist_kp.config import ConfigError, EarlyStopConfig, load_config
+from dist_kp.data.device_batches import DeviceBatches
 from dist_kp.data.loaders import build_train_loader, train_index
 from dist_kp.data.synthetic import generate
 from dist_kp.engine.hooks import EARLY_STOP, BestWeightsHook, EarlyStopHook, EvaluationHook, user_hooks
 from dist_kp.engine.schedule import build_optimizer, build_scheduler
 from dist_kp.engine.trainer import Trainer
 from dist_kp.evaluation.evaluator import EvalOutput
+from dist_kp.model.execution import apply_execution_options
 from dist_kp.model.keypoint_rcnn import build_model
 from dist_kp.model.precision import grad_scaler
 from dist_kp.storage import Storage
@@ -44,8 +46,9 @@ def build_trainer(root: Path, out: Path, *overrides: str) -> Trainer:
     model = build_model(cfg.model, index.meta.num_keypoints, store)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, sampler.batches_per_epoch)
-    return Trainer(cfg.train, model, optimizer, scheduler, grad_scaler(cfg.train.precision, CPU), loader, sampler,
-                   CPU, cfg.optim.clip_grad_norm)
+    apply_execution_options(model, cfg.train, CPU)
+    return Trainer(cfg.train, model, optimizer, scheduler, grad_scaler(cfg.train.precision, CPU),
+                   DeviceBatches(loader, CPU, cfg.data.prefetch), sampler, CPU, cfg.optim.clip_grad_norm)
 
 
 class Recorder(Hook):

@@ -136,6 +136,16 @@ class DataConfig(Section):
         " sided but has no partner is refused."
     )
     prefetch_factor: int = Field(2, ge=1, description="Batches each data-loader worker prepares ahead.")
+    decode: Literal["loader", "device"] = Field(
+        "loader", description="Where training images are decoded. loader: the data loader decodes each image on the "
+        "CPU (in its workers). device: the loader reads the JPEG bytes (other formats it decodes), the training "
+        "process decodes the batch with torchvision.io.decode_jpeg on the training device (nvJPEG on CUDA, the CPU "
+        "on a CPU run) and flips images and targets there. Evaluation decodes in the loader either way."
+    )
+    prefetch: bool = Field(
+        False, description="On CUDA, move (and with decode=device, decode) the next training batch on a side stream "
+        "while the current step runs; on the CPU it changes nothing."
+    )
     cache_dir: str | None = Field(
         None, description="Node-local folder for the annotation index cache; null: $TMPDIR/dist_kp_index-<uid>."
     )
@@ -217,6 +227,10 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
     weight_decay: float = Field(1e-4, ge=0.0, description="L2 weight decay.")
     clip_grad_norm: float | None = Field(None, gt=0.0, description="Clip the global gradient norm; off when null.")
+    implementation: Literal["default", "foreach", "fused"] = Field(
+        "default", description="SGD kernels: default (torch's choice: foreach on CUDA, a loop per tensor on the "
+        "CPU), foreach (multi-tensor), fused (one kernel). The same update; on resume the configured one is used."
+    )
 
 
 class ScheduleConfig(Section):
@@ -254,6 +268,18 @@ class TrainConfig(Section):
                            "step of every epoch and of the run is logged too.")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto: cuda:LOCAL_RANK when CUDA is available (NCCL), else cpu (gloo)."
+    )
+    channels_last: bool = Field(
+        False, description="Train with the backbone and FPN in channels-last memory format (the model's weights and "
+        "the backbone's input); the same model and checkpoints, other kernels."
+    )
+    cudnn_benchmark: bool = Field(
+        False, description="On CUDA, let cuDNN time its convolution algorithms for each new input shape (a few per "
+        "aspect-ratio group and training size) and keep the fastest; no effect on the CPU."
+    )
+    compile: Literal["none", "backbone"] = Field(
+        "none", description="torch.compile the backbone and FPN (the RoI heads, whose shapes change every step, stay "
+        "eager); the first steps of each new input shape compile. Needs a C compiler on the CPU."
     )
     dist_timeout_s: int = Field(1800, ge=10, description="Collective timeout (seconds) of the process group.")
     stop_grace_s: float = Field(

@@ -7,6 +7,7 @@ read through the `Storage` the dataset is given (it travels with the dataset int
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2.functional import to_dtype
 
@@ -156,12 +158,45 @@ def read_image(url: str, storage: Storage) -> torch.Tensor:
     else:
         fs, path = storage.url_to_fs(url)
         data = torch.frombuffer(bytearray(fs.cat_file(path)), dtype=torch.uint8)
+    return decode_file_data(data, url)
+
+
+def decode_file_data(data: torch.Tensor, url: str) -> torch.Tensor:
+    """read_image's decoding of a file's bytes (uint8 [num_bytes]) read from `url`."""
     image = decode_image(data, mode=ImageReadMode.RGB)
     if image.dtype == torch.uint16:
         return to_dtype(image, torch.uint8, scale=True)
     if image.dtype != torch.uint8:
         raise DataError(f"{url}: decodes to {image.dtype} samples, expected 8 or 16 bits per channel")
     return image
+
+
+@dataclass
+class EncodedImage:
+    """A training image as the loader hands it on with data.decode=device: its JPEG file's bytes, and whether
+    the image and its target are to be mirrored once decoded (dist_kp.data.device_batches does both)."""
+
+    data: bytes
+    flip: bool
+    url: str
+
+
+# JPEG colour modes torchvision.io.decode_jpeg turns into RGB on every device (not CMYK, nor 16-bit).
+DEVICE_DECODED_MODES = ("RGB", "L")
+
+
+def read_encoded(url: str, storage: Storage) -> tuple[bytes, tuple[int, int] | None]:
+    """The file's bytes and, for a JPEG that decode_jpeg takes on any device, its (width, height) read from the
+    header only; None for any other file (PNG, CMYK JPEG), which the loader decodes itself."""
+    if is_local_url(url):
+        with open(local_path(url), "rb") as f:
+            data = f.read()
+    else:
+        fs, path = storage.url_to_fs(url)
+        data = fs.cat_file(path)
+    with Image.open(io.BytesIO(data)) as header:  # reads the header, decodes nothing
+        size = header.size if header.format == "JPEG" and header.mode in DEVICE_DECODED_MODES else None
+    return data, size
 
 
 # Training images looked up one by one at start; the folder is listed (to count) only when one is missing.
@@ -214,8 +249,10 @@ class KeypointDataset(torch.utils.data.Dataset):
         self, index: KeypointIndex, image_root: str, storage: Storage, train: bool, min_visible_keypoints: int = 0,
         hflip_prob: float = 0.0, seed: int = 0,
         flip_permutation: list[int] | None = None,  # None: index.meta's (pairs inferred from the names)
+        decode: bool = True,  # False (data.decode=device): hand on JPEG bytes as EncodedImage
     ) -> None:
         self.index = index
+        self.decode = decode
         self.image_root = image_root.rstrip("/")
         self.storage = storage
         self.train = train
@@ -283,19 +320,31 @@ class KeypointDataset(torch.utils.data.Dataset):
     def image_url(self, item: int) -> str:
         return f"{self.image_root}/{self.index.file_names[self.positions[item]]}"
 
-    def _read(self, item: int) -> torch.Tensor:
-        """The decoded image of item, whose size must be the one its annotation record gives."""
+    def _read(self, item: int) -> torch.Tensor | EncodedImage:
+        """The image of item, whose size must be the one its annotation record gives: decoded, or (decode=False)
+        the bytes of a JPEG the device decodes."""
         url = self.image_url(item)
-        image = read_image(url, self.storage)
+        image: torch.Tensor | EncodedImage
+        if self.decode:
+            image = read_image(url, self.storage)
+            size = (image.shape[-1], image.shape[-2])
+        else:
+            data, header_size = read_encoded(url, self.storage)
+            if header_size is None:
+                image = decode_file_data(torch.frombuffer(bytearray(data), dtype=torch.uint8), url)
+                size = (image.shape[-1], image.shape[-2])
+            else:
+                image, size = EncodedImage(data, False, url), header_size
         i = int(self.positions[item])
         width, height = int(self.index.widths[i]), int(self.index.heights[i])
-        if image.shape[-2:] != (height, width):
-            raise DataError(f"{url} is {image.shape[-1]}x{image.shape[-2]} pixels, but image id="
+        if size != (width, height):
+            raise DataError(f"{url} is {size[0]}x{size[1]} pixels, but image id="
                             f"{int(self.index.image_ids[i])} of {self.index.source} is {width}x{height}")
         return image
 
-    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """(image uint8 [3, H, W], target, number of unusable images skipped to get here)."""
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor | EncodedImage, dict[str, torch.Tensor], int]:
+        """(image uint8 [3, H, W], target, number of unusable images skipped to get here). With decode=False a
+        JPEG comes as EncodedImage, its target not yet flipped (the device flips both)."""
         item, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         skipped = 0
         while True:
@@ -314,7 +363,10 @@ class KeypointDataset(torch.utils.data.Dataset):
         target = build_target(self.index, int(self.positions[item]), train=self.train)
         if self.train and self.hflip_prob > 0:
             if sample_generator(self.seed, epoch, item).random() < self.hflip_prob:
-                image, target = horizontal_flip(image, target, self.flip_permutation)
+                if isinstance(image, EncodedImage):
+                    image.flip = True
+                else:
+                    image, target = horizontal_flip(image, target, self.flip_permutation)
         return image, target, skipped
 
 

@@ -69,7 +69,7 @@ def build_train_loader(
     dataset = KeypointDataset(
         index, join(cfg.data.root, cfg.data.train_images), storage, train=True,
         min_visible_keypoints=minimum, hflip_prob=cfg.data.hflip_prob, seed=cfg.train.seed,
-        flip_permutation=flips.permutation(index.meta.keypoint_names),
+        flip_permutation=flips.permutation(index.meta.keypoint_names), decode=cfg.data.decode == "loader",
     )
     if len(dataset) < world_size:
         raise ValueError(

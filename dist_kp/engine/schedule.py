@@ -48,9 +48,16 @@ def batch_scaling(cfg: Config, world_size: int) -> str:
             f"{warmup} = {warmup * batch:,} images; for another total batch keep both (lr x k, warmup_iters / k)")
 
 
+def implementation_flags(optim: OptimConfig) -> dict[str, bool | None]:
+    """SGD's foreach and fused arguments for optim.implementation (None: torch decides)."""
+    return {"foreach": True if optim.implementation == "foreach" else None,
+            "fused": True if optim.implementation == "fused" else None}
+
+
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                           **implementation_flags(cfg.optim))
 
 
 class ProgressSchedule(torch.optim.lr_scheduler.LRScheduler):
@@ -99,8 +106,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epo
 
 
 def apply_optim_config(optimizer: torch.optim.Optimizer, scheduler: ProgressSchedule, optim: OptimConfig) -> None:
-    """After loading a checkpoint: the config's lr, momentum and weight decay, not the saved ones, from now on."""
+    """After loading a checkpoint: the config's lr, momentum, weight decay and implementation, not the saved ones,
+    from now on (load_state_dict puts back the saved groups' foreach and fused flags)."""
     for group in optimizer.param_groups:
-        group.update(initial_lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+        group.update(initial_lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay,
+                     **implementation_flags(optim))
     scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
     scheduler.refresh()

@@ -1,6 +1,6 @@
 """The training loop and every progress counter; periodic actions are hooks.
 
-    trainer = Trainer(cfg.train, model, optimizer, scheduler, scaler, loader, sampler, device)
+    trainer = Trainer(cfg.train, model, optimizer, scheduler, scaler, DeviceBatches(loader, device), sampler, device)
     trainer.register(hook)            # checkpoint, evaluation, tracking, preemption, your own
     trainer.train()
 
@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from torch import nn
 
 from dist_kp import distributed
 from dist_kp.config import TrainConfig
+from dist_kp.data.device_batches import DeviceBatches
 from dist_kp.data.sampler import GroupedDistributedBatchSampler
 from dist_kp.engine.schedule import ProgressSchedule
 from dist_kp.model.precision import autocast
@@ -93,28 +93,19 @@ class SmoothedValue:
         return self.total / max(self.count, 1)
 
 
-def to_device(
-    images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], device: torch.device
-) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """uint8 images go to the device as they are and become float [0, 1] there."""
-    non_blocking = device.type == "cuda"
-    images = [img.to(device, non_blocking=non_blocking).float().div_(255.0) for img in images]
-    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
-    return images, targets
-
-
 class Trainer:
     """Owns the loop and the progress counters (epoch, batch within the epoch, global step).
 
     It gets what it uses: the `train` config section, the model and its optimizer, LR schedule
-    and grad scaler, the loader with its sampler, the device. The epoch length comes from the
+    and grad scaler, the loader's batches on the device (DeviceBatches) with the loader's sampler,
+    the device. The epoch length comes from the
     sampler and the stop condition from train.epochs and train.max_steps, each computed here
     once; hooks read them from the trainer.
     """
 
     def __init__(
         self, cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-        scheduler: ProgressSchedule, scaler: torch.amp.GradScaler, loader: Iterable,
+        scheduler: ProgressSchedule, scaler: torch.amp.GradScaler, loader: DeviceBatches,
         sampler: GroupedDistributedBatchSampler, device: torch.device, clip_grad_norm: float | None = None,
     ) -> None:
         self.cfg = cfg
@@ -134,7 +125,7 @@ class Trainer:
         self.stop_reason: str | None = None
         # This step's training record (losses, lr, throughput) when it is a logged step, else None.
         self.log_record: dict[str, Any] | None = None
-        # This step's targets on this rank, as the loader gave them (image_id says which samples they are).
+        # This step's targets on this rank, on the device (image_id says which samples they are).
         self.batch_targets: list[dict[str, torch.Tensor]] = []
         # The newest evaluation (set by the evaluation hook before it tells the hooks the metrics).
         self.evaluation: EvalOutput | None = None
@@ -243,7 +234,6 @@ class Trainer:
     def _step(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """One optimizer step; returns the loss terms averaged over ranks."""
         distributed.training_step(self.progress.step + 1)
-        images, targets = to_device(images, targets, self.device)
         with autocast(self.cfg.precision, self.device):
             losses = self.model(images, targets)
         loss = sum(losses.values())
