@@ -13,6 +13,7 @@ import torch
 from dist_kp import Hook
 from dist_kp.config import EMAConfig, load_config
 from dist_kp.data.loaders import val_index
+from dist_kp.data.synthetic import generate
 from dist_kp.engine.hooks import EMAHook, EvaluationHook, FinalWeightsHook
 from dist_kp.engine.run_state import RunState
 from dist_kp.engine.trainer import Trainer
@@ -23,7 +24,6 @@ from dist_kp.model.keypoint_rcnn import build_model, read_weights_file
 from dist_kp.model.trained import trained_model
 from dist_kp.storage import Storage
 from dist_kp.storage.run_folder import RunFolder
-from dist_kp.data.synthetic import generate
 from tests.conftest import TINY_CONFIG, tiny_overrides
 from tests.test_trainer import CPU, build_trainer
 
@@ -108,7 +108,8 @@ def test_with_ema_on_the_evaluation_and_model_final_pt_use_the_ema_weights_which
     evaluator = Evaluator(cfg, index, folder, CPU)
     ema = ModelEMA(trainer.model, cfg.train.ema)
     meta = index.meta.to_dict()
-    for hook in (EMAHook(ema), EvaluationHook(cfg.eval, evaluator, ema), FinalWeightsHook(folder, cfg.model, meta, ema)):
+    for hook in (EMAHook(ema), EvaluationHook(cfg.eval, evaluator, ema),
+                 FinalWeightsHook(folder, cfg.model, meta, ema)):
         trainer.register(hook)
     with caplog.at_level(logging.INFO):
         trainer.train()
