@@ -7,7 +7,7 @@ Commands sit at the top (`python -m dist_kp.train`, `evaluate`, `predict`, `repo
     storage/      fsspec access with bounded requests (one Storage value, passed), the run folder
     distributed/  process group from torchrun/srun env, collectives, diagnostics, preemption signals
     data/         COCO index, samples, grouped distributed sampler, loaders, the synthetic set
-    model/        Keypoint R-CNN builder and weights, precision
+    model/        Keypoint R-CNN builder and weights, precision, EMA of the weights
     evaluation/   COCO results and checks, backends, inference, the distributed evaluator
     engine/       trainer (the loop), hooks, run state, checkpoints, optimizer and LR schedule
     tracking/     rank 0's sinks as hooks: metrics file, W&B, TensorBoard, prediction pictures

@@ -44,6 +44,7 @@ from dist_kp.engine.hooks import (
     BestWeightsHook,
     CheckpointHook,
     EarlyStopHook,
+    EMAHook,
     EvaluationHook,
     FinalWeightsHook,
     Hook,
@@ -58,6 +59,7 @@ from dist_kp.evaluation.backends import METRIC_NAMES
 from dist_kp.evaluation.evaluator import Evaluator
 from dist_kp.evaluation.results import EvaluationError
 from dist_kp.model.execution import apply_execution_options
+from dist_kp.model.ema import ModelEMA
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model, unwrap
 from dist_kp.model.precision import grad_scaler
 from dist_kp.storage.lease import RunFolderInUse, RunLease
@@ -101,11 +103,12 @@ def check_watched_metrics(cfg: Config) -> None:
                               "at the end: set eval.every_epochs to 1 or more")
 
 
-def build_hooks(cfg: Config, folder: RunFolder, meta: dict) -> list[Hook]:
+def build_hooks(cfg: Config, folder: RunFolder, meta: dict, ema: ModelEMA | None) -> list[Hook]:
     """Hooks built before resuming (their state comes from the checkpoint): keep-best, early stop, the user's."""
     hooks: list[Hook] = []
     if cfg.checkpoint.keep_best:
-        hooks.append(BestWeightsHook(folder, cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode, cfg.model, meta))
+        hooks.append(BestWeightsHook(folder, cfg.checkpoint.keep_best, cfg.checkpoint.keep_best_mode, cfg.model, meta,
+                                     ema))
     if cfg.train.early_stop:
         hooks.append(EarlyStopHook(cfg.train.early_stop))
     return hooks + user_hooks(cfg)
@@ -215,16 +218,19 @@ def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preempt
     """Build everything, resume, train; the exit status of `run`."""
     seed_everything(cfg.train.seed, info.rank)
     # Built now: a wrong eval.sigmas or backend fails at start, not after the first epoch.
-    evaluation = ([EvaluationHook(cfg.eval, Evaluator(cfg, evaluation_index, folder, info.device))]
-                  if evaluation_index is not None else [])
+    evaluator = Evaluator(cfg, evaluation_index, folder, info.device) if evaluation_index is not None else None
     trainer = build_trainer(cfg, index, flips, info, folder.storage)
+    # The average of the weights (train.ema): what evaluation and the weights files use; restored on resume.
+    ema = ModelEMA(trainer.model, cfg.train.ema) if cfg.train.ema else None
+    averaging = [EMAHook(ema)] if ema is not None else []
+    evaluation = [EvaluationHook(cfg.eval, evaluator, ema)] if evaluator is not None else []
     if info.is_main:
         log.info("%s", batch_scaling(cfg, info.world_size))
     # The weights files record the pairs trained with: an export's flip_permutation follows them.
     meta = dataclasses.replace(index.meta, flip_pairs=[list(pair) for pair in flips.pairs]).to_dict()
-    own_hooks = build_hooks(cfg, folder, meta)
+    own_hooks = build_hooks(cfg, folder, meta, ema)
     run_id = RunId()
-    checkpointer = Checkpointer(run_state(cfg, index, trainer, run_id, [*evaluation, *own_hooks]),
+    checkpointer = Checkpointer(run_state(cfg, index, trainer, run_id, [*averaging, *evaluation, *own_hooks]),
                                 CheckpointStore(folder, cfg.checkpoint), cfg.checkpoint.resume)
     resumed = checkpointer.load()
     if resumed and trainer.past_end:
@@ -251,9 +257,10 @@ def train_in(folder: RunFolder, cfg: Config, info: distributed.DistInfo, preempt
                  trainer.steps_per_epoch)
     preempted = PreemptionHook(preemption)
     preemption.before_exit.append(checkpointer.finish_save)
-    for hook in [CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
+    for hook in [*averaging,  # first: a step's checkpoint and evaluation see that step's average
+                 CheckpointHook(checkpointer, cfg.checkpoint, on_saved=tracker.checkpoint_saved),
                  *evaluation,  # after the epoch end's checkpoint (which records the evaluation as pending)
-                 FinalWeightsHook(folder, cfg.model, meta), tracker, start_tensorboard(cfg, folder), preempted,
+                 FinalWeightsHook(folder, cfg.model, meta, ema), tracker, start_tensorboard(cfg, folder), preempted,
                  *own_hooks]:
         trainer.register(hook)
     trainer.train()

@@ -35,10 +35,13 @@ from tests.s3_server import ACCESS_KEY, SECRET_KEY
 
 STEPS = 10
 BASE = (f"train.max_steps={STEPS}", "checkpoint.every_steps=4", "eval.every_epochs=0", "eval.at_end=false")
+# A short warmup: the average moves away from the weights within the run.
+EMA = ("train.ema.decay=0.9", "train.ema.warmup_steps=2")
+EMA_STATE = "hook:dist_kp.engine.hooks.EMAHook"
 
 
-def train_args(root: Path, out: str, workers: int) -> list[str]:
-    return ["--config", str(TINY_CONFIG), *tiny_overrides(root, out, *BASE, f"train.workers={workers}")]
+def train_args(root: Path, out: str, workers: int, *extra: str) -> list[str]:
+    return ["--config", str(TINY_CONFIG), *tiny_overrides(root, out, *BASE, f"train.workers={workers}", *extra)]
 
 
 def final_state(out: str, env: dict | None = None) -> dict:
@@ -119,6 +122,35 @@ def test_sigkill_then_same_command_ends_bit_identical(straight_run: Path, synthe
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(resumed_step + 1, STEPS + 1):
         assert loss_terms(a[step]) == loss_terms(b[step]), step
+
+
+@pytest.fixture(scope="module")
+def straight_run_with_ema(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("straight_ema")
+    check(run_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2))
+    return out
+
+
+def test_with_ema_on_sigkill_then_same_command_ends_bit_identical_ema_included(
+        straight_run_with_ema: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    first = start_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2)
+    _, last_saved = kill_between_checkpoints(first, 5)
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2))
+    assert resumed_at(result.stderr) >= last_saved
+    assert "holds no state of dist_kp.engine.hooks.EMAHook" not in result.stderr  # restored, not restarted
+    a, b = final_state(str(straight_run_with_ema)), final_state(str(out))
+    assert_same_training(a, b)
+    assert a[EMA_STATE]["updates"] == b[EMA_STATE]["updates"] == STEPS
+    for name, averaged in a[EMA_STATE]["parameters"].items():
+        assert torch.equal(averaged, b[EMA_STATE]["parameters"][name]), name
+    finals = [torch.load(run / "model_final.pt", weights_only=True) for run in (straight_run_with_ema, out)]
+    assert finals[0]["ema"] is finals[1]["ema"] is True and finals[0]["ema_updates"] == STEPS
+    for name, tensor in finals[0]["model"].items():
+        assert torch.equal(tensor, finals[1]["model"][name]), name
+    # model_final.pt holds the average, not the trained weights of the last step.
+    assert not all(torch.equal(finals[1]["model"][name], b["model"][name]) for name in b[EMA_STATE]["parameters"])
+    assert "model_final.pt: EMA weights (decay 0.9, warmup 2 steps, 10 updates)" in result.stderr
 
 
 def make_store(out: Path, **options) -> CheckpointStore:

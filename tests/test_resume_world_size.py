@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from dist_kp.config import load_config
 from dist_kp.data.coco import trainable_images
 from dist_kp.storage import Storage
@@ -18,7 +20,7 @@ EPOCHS = 3
 def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(TINY_CONFIG), *tiny_overrides(
         data, out, "train.workers=0", "eval.every_epochs=0", "eval.at_end=false", f"train.epochs={EPOCHS}",
-        "train.hooks=[tests.hook_probe:SampleProbeHook]", *extra)]
+        "train.hooks=[tests.hook_probe:SampleProbeHook]", "train.ema.decay=0.99", *extra)]
 
 
 def steps_seen(probe: Path, world_size: int) -> list[list[tuple[int, int, list[int]]]]:
@@ -47,6 +49,7 @@ def test_requeued_on_3_then_1_processes_mid_epoch_each_epoch_trains_the_dataset_
         probe.mkdir()
         result = check(run_module("dist_kp.train", train_args(synthetic_root, out, f"train.max_steps={max_steps}"),
                                   nproc=nproc, env=child_env(PROBE_DIR=str(probe))))
+        assert "EMAHook: it starts fresh" not in result.stderr
         ranks = steps_seen(probe, nproc)
         # DDP: every rank ran the same steps.
         assert len({tuple((epoch, step) for epoch, step, _ in steps) for steps in ranks}) == 1
@@ -61,6 +64,9 @@ def test_requeued_on_3_then_1_processes_mid_epoch_each_epoch_trains_the_dataset_
             assert ("resumed on 1 process, checkpoint written by 3; continuing epoch 1 at sample 12 of 48 "
                     "(9 steps per process left in it") in result.stderr
     assert "training finished at step 27 (epoch 3)" in result.stderr
+    # The EMA of the weights went on across the world sizes: restored at each start, one update per step.
+    final = torch.load(out / "model_final.pt", weights_only=True)
+    assert final["ema"] is True and final["ema_updates"] == 27
     for epoch in range(EPOCHS):
         # 48 = 2 x 4 x 3 + 3 x 4 x 2 (epoch 0) = 3 x 4 + 1 x 4 x 9 (epoch 1): no remainder to repeat.
         assert consumed[epoch] == dataset, (epoch, consumed[epoch] - dataset, dataset - consumed[epoch])

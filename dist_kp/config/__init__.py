@@ -252,6 +252,15 @@ class EarlyStopConfig(Section):
     mode: Literal["max", "min"] = Field("max", description="max: higher is better; min: lower is better.")
 
 
+class EMAConfig(Section):
+    """train.ema: an exponential moving average of the trained weights, used for evaluation and the weights files."""
+
+    decay: float = Field(0.9998, gt=0.0, lt=1.0, description="Weight of the average at each optimizer step, once "
+                         "warmed up: ema = d * ema + (1 - d) * weights.")
+    warmup_steps: int = Field(2000, ge=0, description="Ramp of the decay: d = decay * (1 - exp(-updates / "
+                              "warmup_steps)), so early weights fade fast; 0: d = decay from the first step.")
+
+
 class TrainConfig(Section):
     """The training loop. batch_size is per process."""
 
@@ -292,6 +301,10 @@ class TrainConfig(Section):
     )
     early_stop: EarlyStopConfig | None = Field(
         None, description="Stop after `patience` evaluations without a better `metric`; null: train to the end."
+    )
+    ema: EMAConfig | None = Field(
+        None, description="Keep an EMA of the weights (in every checkpoint); evaluation, model_final.pt and "
+        "model_best.pt use it. null: off."
     )
 
 

@@ -34,6 +34,7 @@ from dist_kp.config import CheckpointConfig, Config, ConfigError, EarlyStopConfi
 from dist_kp.distributed.preemption import PreemptionHandler
 from dist_kp.engine.checkpoint import SaveListener
 from dist_kp.engine.checkpointer import Checkpointer
+from dist_kp.model.ema import ModelEMA
 from dist_kp.model.keypoint_rcnn import weights_payload
 from dist_kp.storage.run_folder import RunFolder
 
@@ -126,10 +127,49 @@ class CheckpointHook(Hook):
         self.checkpointer.close()
 
 
+class EMAHook(Hook):
+    """train.ema: average the weights after every optimizer step (dist_kp.model.ema); the average is in
+    every checkpoint, and the evaluation and weights-file hooks given it use it instead of the weights.
+
+    Registered before the checkpoint hook, so that the checkpoint of step N holds the average of
+    step N. A run resumed from a checkpoint that holds no average (written with train.ema off)
+    starts it from the resumed weights.
+    """
+
+    def __init__(self, ema: ModelEMA) -> None:
+        self.ema = ema
+        self.restored = False
+
+    def before_train(self, trainer: Trainer) -> None:
+        step = trainer.progress.step
+        if step and not self.restored:
+            self.ema.restart()
+            if distributed.is_main_process():
+                log.info("train.ema: the checkpoint resumed from holds no EMA of the weights (written with train.ema "
+                         "off): the average starts from the weights of step %d", step)
+        if distributed.is_main_process():
+            log.info("train.ema: evaluation, model_final.pt and model_best.pt use the %s", self.ema.describe())
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.ema.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state)
+        self.restored = True
+
+
+def weights_in_use(trainer: Trainer, ema: ModelEMA | None) -> torch.nn.Module:
+    """The model that is evaluated and written to weights files: the EMA of the weights when there is one."""
+    return ema.module if ema is not None else trainer.model
+
+
 class Evaluates(Protocol):
     """What the evaluation hook runs (dist_kp.evaluation.evaluator.Evaluator): a collective on every rank."""
 
-    def run(self, model: torch.nn.Module, step: int) -> EvalOutput: ...
+    def run(self, model: torch.nn.Module, step: int, ema: bool = False) -> EvalOutput: ...
 
 
 class EvaluationHook(Hook):
@@ -138,17 +178,19 @@ class EvaluationHook(Hook):
     The result goes to every hook's `after_evaluation` (the metrics) and to `trainer.evaluation`.
     An epoch's end is checkpointed before its evaluation runs (a stop signal during a long
     evaluation then loses no training); the step last evaluated is this hook's state, so a run
-    resumed from such a checkpoint runs that evaluation first.
+    resumed from such a checkpoint runs that evaluation first. With `ema` (train.ema) the EMA of the
+    weights is evaluated; the metrics keep their names.
     """
 
-    def __init__(self, cfg: EvalConfig, evaluator: Evaluates) -> None:
+    def __init__(self, cfg: EvalConfig, evaluator: Evaluates, ema: ModelEMA | None = None) -> None:
         self.cfg = cfg
         self.evaluator = evaluator
+        self.ema = ema
         self.evaluated_at = -1
 
     def _run(self, trainer: Trainer) -> None:
         step = trainer.progress.step
-        trainer.evaluation = self.evaluator.run(trainer.model, step)
+        trainer.evaluation = self.evaluator.run(weights_in_use(trainer, self.ema), step, ema=self.ema is not None)
         self.evaluated_at = step
         trainer.emit("after_evaluation", trainer.evaluation.metrics)
 
@@ -179,31 +221,44 @@ class EvaluationHook(Hook):
         self.evaluated_at = int(state["evaluated_at"])
 
 
-def _weights_file(trainer: Trainer, model_cfg: ModelConfig, meta: dict[str, Any], **extra: Any) -> bytes:
-    """The bytes of an inference weights file (model_final.pt's format) of the trainer's model."""
+def _weights_file(trainer: Trainer, ema: ModelEMA | None, model_cfg: ModelConfig, meta: dict[str, Any],
+                  **extra: Any) -> bytes:
+    """The bytes of an inference weights file (model_final.pt's format) of the weights in use; it records
+    "ema": true (with the decay, warmup and update count) for the EMA of the weights, else "ema": false."""
+    record = ema.file_record() if ema is not None else {"ema": False}
     buffer = io.BytesIO()
-    torch.save({**weights_payload(trainer.model, model_cfg, meta), **extra}, buffer)
+    torch.save({**weights_payload(weights_in_use(trainer, ema), model_cfg, meta), **record, **extra}, buffer)
     return buffer.getvalue()
+
+
+def describe_weights(ema: ModelEMA | None) -> str:
+    """Which weights a file holds, for the log."""
+    return ema.describe() if ema is not None else "the trained weights (train.ema off)"
 
 
 class FinalWeightsHook(Hook):
     """At the end of training: check the replicas agree, then write OUTPUT_DIR/model_final.pt (rank 0).
 
     Not after a preemption (the run goes on later); after an early stop it is the run's end.
+    With `ema` (train.ema) the file holds the EMA of the weights.
     """
 
-    def __init__(self, folder: RunFolder, model_cfg: ModelConfig, meta: dict[str, Any]) -> None:
+    def __init__(self, folder: RunFolder, model_cfg: ModelConfig, meta: dict[str, Any],
+                 ema: ModelEMA | None = None) -> None:
         self.folder = folder
         self.model_cfg = model_cfg
         self.meta = meta
+        self.ema = ema
 
     def after_train(self, trainer: Trainer) -> None:
         if trainer.stop_reason == PREEMPTED:
             return
         distributed.check_replicas_identical(trainer.model)
+        if self.ema is not None:
+            distributed.check_replicas_identical(self.ema.module)
         if distributed.is_main_process():
-            self.folder.write(self.folder.model_final, _weights_file(trainer, self.model_cfg, self.meta))
-            log.info("final weights written to %s", self.folder.model_final)
+            self.folder.write(self.folder.model_final, _weights_file(trainer, self.ema, self.model_cfg, self.meta))
+            log.info("final weights written to %s: %s", self.folder.model_final, describe_weights(self.ema))
 
 
 def improved(value: float, best: float | None, mode: Literal["max", "min"]) -> bool:
@@ -225,16 +280,18 @@ class BestWeightsHook(Hook):
 
     The file is model_final.pt's format plus "best": {"metric", "value", "step"}; the best so far
     is this hook's state, so it survives resume (an evaluation the checkpoint did not see yet is
-    run again on resume, see EvaluationHook, so the state never misses one).
+    run again on resume, see EvaluationHook, so the state never misses one). With `ema`
+    (train.ema) the file holds the EMA of the weights, the one that was evaluated.
     """
 
     def __init__(self, folder: RunFolder, metric: str, mode: Literal["max", "min"], model_cfg: ModelConfig,
-                 meta: dict[str, Any]) -> None:
+                 meta: dict[str, Any], ema: ModelEMA | None = None) -> None:
         self.folder = folder
         self.metric = metric
         self.mode = mode
         self.model_cfg = model_cfg
         self.meta = meta
+        self.ema = ema
         self.best: dict[str, Any] | None = None
 
     def after_evaluation(self, trainer: Trainer, metrics: dict[str, float]) -> None:
@@ -243,10 +300,10 @@ class BestWeightsHook(Hook):
             return
         self.best = {"metric": self.metric, "value": value, "step": trainer.progress.step}
         if distributed.is_main_process():
-            self.folder.write(self.folder.model_best, _weights_file(trainer, self.model_cfg, self.meta,
+            self.folder.write(self.folder.model_best, _weights_file(trainer, self.ema, self.model_cfg, self.meta,
                                                                     best=dict(self.best)))
-            log.info("best %s so far: %.4f at step %d, written to %s", self.metric, value, trainer.progress.step,
-                     self.folder.model_best)
+            log.info("best %s so far: %.4f at step %d, written to %s: %s", self.metric, value, trainer.progress.step,
+                     self.folder.model_best, describe_weights(self.ema))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}

@@ -202,6 +202,10 @@ class RunState:
                 part.load_state_dict(state[name])
             elif distributed.is_main_process():
                 log.info("%s holds no state of %s: it starts fresh", source, name.removeprefix("hook:"))
+        if distributed.is_main_process():
+            for name in sorted(k for k in state if k.startswith("hook:") and k not in self.parts):
+                log.info("%s holds the state of %s, a hook this run does not have (train.ema off, or no longer in "
+                         "train.hooks): ignored", source, name.removeprefix("hook:"))
         rank, saved_world = distributed.get_rank(), state["world_size"]
         if saved_world == distributed.get_world_size():
             set_rng_state(state["rng"][rank])

@@ -76,10 +76,14 @@ def merge_ranks(library: EvalBackend, own_parts: dict[str, ImageMatches], own_re
     return EvalOutput(metrics_dict(stats), results, "\n".join(summary_text(t, v) for t, v in stats.items()))
 
 
-def write_outputs(folder: RunFolder, step: int, output: EvalOutput) -> str:
-    """results.json and metrics.json under OUTPUT_DIR/eval/<step>/ (rank 0); returns the folder URL."""
+def write_outputs(folder: RunFolder, step: int, output: EvalOutput, ema: bool = False) -> str:
+    """results.json and metrics.json under OUTPUT_DIR/eval/<step>/ (rank 0); returns the folder URL.
+
+    ema: the EMA of the weights was evaluated (train.ema); metrics.json then says "weights": "ema".
+    """
     folder.write(folder.eval_file(step, EVAL_RESULTS), json.dumps(output.results or []).encode())
-    folder.write(folder.eval_file(step, EVAL_METRICS), json.dumps({"step": step, **output.metrics}, indent=1).encode())
+    written = {"step": step, **({"weights": "ema"} if ema else {}), **output.metrics}
+    folder.write(folder.eval_file(step, EVAL_METRICS), json.dumps(written, indent=1).encode())
     return folder.eval_folder(step)
 
 
@@ -111,19 +115,23 @@ class Evaluator:
         """Inference on this rank's images; their result records wait for `evaluate`."""
         self.results = predict(unwrap(model), self.loader, self.device, self.index.meta.category_id, self.precision)
 
-    def evaluate(self, step: int) -> EvalOutput:
-        """The merged COCO evaluation of what `process` found (a collective); rank 0 writes and logs it."""
+    def evaluate(self, step: int, ema: bool = False) -> EvalOutput:
+        """The merged COCO evaluation of what `process` found (a collective); rank 0 writes and logs it.
+
+        ema: the model processed was the EMA of the weights (train.ema); the log and metrics.json say so.
+        """
         output = evaluate_distributed(self.index, self.positions, self.results, self.cfg.backend, self.cfg.sigmas,
                                       self.cfg.keypoint_area)
         self.results = []
         if distributed.is_main_process():
-            written = write_outputs(self.folder, step, output)
-            log.info("evaluation at step %d (%d images, %d detections, %s):\n%s\nwritten to %s", step,
+            written = write_outputs(self.folder, step, output, ema)
+            log.info("evaluation at step %d (%s%d images, %d detections, %s):\n%s\nwritten to %s", step,
+                     "EMA weights, " if ema else "",
                      len(self.index) if self.cfg.max_images is None else min(self.cfg.max_images, len(self.index)),
                      len(output.results or []), self.cfg.backend, output.summary, written)
         return output
 
-    def run(self, model: nn.Module, step: int) -> EvalOutput:
-        """`process` then `evaluate`: what the training's evaluation hook calls."""
+    def run(self, model: nn.Module, step: int, ema: bool = False) -> EvalOutput:
+        """`process` then `evaluate`: what the training's evaluation hook calls (ema: `model` is the EMA)."""
         self.process(model)
-        return self.evaluate(step)
+        return self.evaluate(step, ema)
