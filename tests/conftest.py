@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import CodeType
 from typing import TypeVar
 
 import pytest
@@ -44,20 +45,53 @@ STARTS_PROCESSES = re.compile(r"\b(run_module|start_module|module_command|subpro
                               r"start_cluster|start_two_node_cluster|netns)\b|\b(slurm|s3_server|hosts)\b")
 
 
-def _starts_processes(item: pytest.Item) -> bool:
-    """True when the test's own code or any fixture in its closure starts a process (torchrun, a CLI,
-    SLURM, SeaweedFS, network namespaces): the integration tier."""
-    functions = [getattr(item, "function", None)]
-    for definitions in item._fixtureinfo.name2fixturedefs.values():
-        functions.extend(definition.func for definition in definitions)
-    for function in functions:
-        try:
-            source = inspect.getsource(function)
-        except (OSError, TypeError):
+def _names(code: CodeType) -> Iterator[str]:
+    """The global names a code object and its nested ones (comprehensions, inner functions) refer to."""
+    yield from code.co_names
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            yield from _names(constant)
+
+
+def _called_helpers(function: Callable, seen: set) -> Iterator[Callable | type]:
+    """`function` and the functions and classes of the test modules (tests.*) it calls, directly or through
+    each other (a test's `run_with_rank1(...)` helper or `Running(...)` class that starts torchrun counts
+    as the test's own call)."""
+    if function in seen or not inspect.isfunction(function):
+        return
+    seen.add(function)
+    yield function
+    for name in _names(function.__code__):
+        helper = function.__globals__.get(name)
+        if getattr(helper, "__module__", "").split(".")[0] != function.__module__.split(".")[0]:
             continue
-        if STARTS_PROCESSES.search(source):
-            return True
+        if inspect.isclass(helper) and helper not in seen:
+            seen.add(helper)
+            yield helper
+        elif inspect.isfunction(helper):
+            yield from _called_helpers(helper, seen)
+
+
+def starts_processes(roots: list[Callable]) -> bool:
+    """True when these functions (a test and its fixtures), or a helper of the test modules that they call,
+    start a process (torchrun, a CLI, SLURM, SeaweedFS, network namespaces): the integration tier."""
+    seen: set = set()
+    for root in roots:
+        for function in _called_helpers(getattr(root, "__wrapped__", root), seen):
+            try:
+                source = inspect.getsource(function)
+            except (OSError, TypeError):
+                continue
+            if STARTS_PROCESSES.search(source):
+                return True
     return False
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    roots = [getattr(item, "function", None)]
+    for definitions in item._fixtureinfo.name2fixturedefs.values():
+        roots.extend(definition.func for definition in definitions)
+    return starts_processes(roots)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -41,7 +41,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=1
-KillWait=5
+KillWait=30
 ReturnToService=2
 MailProg=/bin/true
 StateSaveLocation={root}/slurmctld
