@@ -135,7 +135,10 @@ def test_channels_last_foreach_fused_and_device_decode_train_the_loss_trajectory
     for option in ("train.channels_last=true", "optim.implementation=foreach", "optim.implementation=fused",
                    "data.decode=device", "data.prefetch=true", "train.cudnn_benchmark=true"):
         losses = loss_trajectory(small_root, tmp_path / option.replace("=", "-"), option)
-        assert losses == pytest.approx(baseline, rel=1e-4), option
+        # channels_last runs other convolution kernels (another summation order), whose differences grow
+        # with each step: 5e-4 seen at step 3 in one shuffled order; a step moves the loss by ~1e-2.
+        tolerance = 2e-3 if option == "train.channels_last=true" else 1e-4
+        assert losses == pytest.approx(baseline, rel=tolerance), option
 
 
 def test_a_resume_takes_the_configured_sgd_implementation_not_the_saved_one() -> None:
