@@ -10,4 +10,8 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec .venv/bin/python -m pytest -q "$@"
+# Tests run in TEST_WORKERS processes (pytest-xdist, default 2): most tests wait on processes they started
+# (torchrun, SLURM, SeaweedFS) or train with one thread. A file's tests stay in one worker (its module
+# fixtures are built once), the SLURM tests all in one (tests/conftest.py: xdist_group). `-n 0` runs
+# everything in this process.
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -36,8 +36,20 @@ SHUFFLE_SEED = pytest.StashKey[int]()
 
 def pytest_configure(config: pytest.Config) -> None:
     seed = config.getoption("--shuffle")
-    if seed is not None:
+    if seed is None:
+        return
+    workerinput = getattr(config, "workerinput", None)  # a pytest-xdist worker (launch/test.sh runs several)
+    if workerinput is not None and "shuffle_seed" in workerinput:
+        config.stash[SHUFFLE_SEED] = workerinput["shuffle_seed"]  # every worker must collect the same order
+    else:
         config.stash[SHUFFLE_SEED] = random.randrange(2**32) if seed == "random" else int(seed)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist starts a worker: it shuffles with the seed this process chose."""
+    if SHUFFLE_SEED in node.config.stash:
+        node.workerinput["shuffle_seed"] = node.config.stash[SHUFFLE_SEED]
 
 
 # What a test (or a fixture it uses) calls when it starts another process or a real server.
@@ -94,10 +106,26 @@ def _starts_processes(item: pytest.Item) -> bool:
     return starts_processes(roots)
 
 
+# Tests that share the machine's SLURM processes or look for them by their environment (a job's
+# SLURM_PROCID, a stopped task): one xdist worker runs them, one after the other, with one cluster.
+SLURM_FILES = ("test_slurm.py", "test_multinode.py")
+
+
+def xdist_group(item: pytest.Item) -> str:
+    """The pytest-xdist group (`--dist loadgroup`) of a test: its file, so that module fixtures are built
+    once; the tests that use a SLURM cluster together."""
+    if item.path.name in SLURM_FILES or "slurm" in item.fixturenames:
+        return "slurm"
+    return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _starts_processes(item):
             item.add_marker(pytest.mark.integration)
+        if hasattr(config, "workerinput"):
+            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     if SHUFFLE_SEED not in config.stash:
         return
     rng = random.Random(config.stash[SHUFFLE_SEED])
