@@ -12,6 +12,6 @@ fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # Tests run in TEST_WORKERS processes (pytest-xdist, default 2): most tests wait on processes they started
 # (torchrun, SLURM, SeaweedFS) or train with one thread. A file's tests stay in one worker (its module
-# fixtures are built once), the SLURM tests all in one (tests/conftest.py: xdist_group). `-n 0` runs
-# everything in this process.
-exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
+# fixtures are built once), the files that use SLURM all in one (tests/conftest.py: xdist_scope).
+# `-n 0` runs everything in this process.
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-2}" "$@"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -106,26 +107,47 @@ def _starts_processes(item: pytest.Item) -> bool:
     return starts_processes(roots)
 
 
-# Tests that share the machine's SLURM processes or look for them by their environment (a job's
-# SLURM_PROCID, a stopped task): one xdist worker runs them, one after the other, with one cluster.
-SLURM_FILES = ("test_slurm.py", "test_multinode.py")
+# The test files that start a SLURM cluster (or hosts with one), or look for its processes by their
+# environment (a job's SLURM_PROCID, a stopped task): one pytest-xdist worker runs them all, one after
+# the other, on one cluster; two clusters' jobs would share ids and ports (MASTER_PORT from the job id).
+USES_SLURM = re.compile(r"def test\w*\([^)]*\bslurm\b|\bcreate_hosts\b")
 
 
-def xdist_group(item: pytest.Item) -> str:
-    """The pytest-xdist group (`--dist loadgroup`) of a test: its file, so that module fixtures are built
-    once; the tests that use a SLURM cluster together."""
-    if item.path.name in SLURM_FILES or "slurm" in item.fixturenames:
+def xdist_scope(nodeid: str) -> str:
+    """What one pytest-xdist worker runs as a unit: a test's whole file (its module fixtures are built
+    once), or "slurm" for every file that uses a SLURM cluster (see USES_SLURM)."""
+    path = nodeid.split("::", 1)[0]
+    if _uses_slurm(path):
         return "slurm"
-    return item.path.name
+    return path
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+@functools.cache
+def _uses_slurm(path: str) -> bool:
+    try:
+        return bool(USES_SLURM.search((REPO / path).read_text()))
+    except OSError:
+        return False
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Under `-n N` (launch/test.sh), tests go to the workers a scope of xdist_scope at a time, the
+    scopes with the most tests first. (pytest-xdist's own xdist_group marks cannot be used: they rename
+    the test's nodeid, which pytest 9 no longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return FileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _starts_processes(item):
             item.add_marker(pytest.mark.integration)
-        if hasattr(config, "workerinput"):
-            item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
     if SHUFFLE_SEED not in config.stash:
         return
     rng = random.Random(config.stash[SHUFFLE_SEED])
