@@ -7,7 +7,10 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from dist_kp.storage.run_folder import RunFolder
 from tests.conftest import (
@@ -130,3 +133,48 @@ def test_with_max_restarts_a_stopped_rank_is_replaced_and_the_run_resumes_to_the
     resumed = re.search(r"resumed from \S+step_(\d+) at step", log)
     assert resumed and int(resumed.group(1)) >= 4, log[-5000:]
     assert "training finished at step 10" in log
+
+
+
+GLOO_TIMEOUT = "[gloo/transport/tcp/unbound_buffer.cc:129] Timed out waiting 20000ms for send operation to complete"
+
+
+# Stand-ins named as the frames of DDP's forward() and of autograd's backward(), for collective_timeout.
+def _sync_buffers(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def forward(message: str) -> None:
+    _sync_buffers(message)
+
+
+def backward(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def read_image(message: str) -> None:
+    raise RuntimeError(message)
+
+
+def raised(function: Callable[[str], None], message: str = GLOO_TIMEOUT) -> RuntimeError:
+    with pytest.raises(RuntimeError) as caught:
+        function(message)
+    return caught.value
+
+
+def test_a_timeout_in_ddps_buffer_broadcast_before_a_forward_pass_is_named_like_the_others() -> None:
+    """Seen under load (two test workers): rank 1 stopped while rank 0 was between steps, and rank 0's
+    timeout came from DDP's BatchNorm buffer broadcast at the start of forward(), not from a backward
+    pass: it ended with gloo's bare traceback instead of the line that names the step and collective."""
+    from dist_kp import distributed
+
+    distributed.training_step(5)
+    try:
+        assert distributed.collective_timeout(raised(forward)) == (
+            "rank 0: collective broadcast (DDP buffers, before the forward pass) at step 5 timed out after "
+            f"{distributed._COLLECTIVES.timeout_s} s (a rank stopped answering)")
+        assert "collective all_reduce (DDP gradients) at step 5" in distributed.collective_timeout(raised(backward))
+        assert distributed.collective_timeout(raised(read_image)) is None
+        assert distributed.collective_timeout(raised(forward, "CUDA out of memory")) is None
+    finally:
+        distributed.training_step(None)

@@ -88,13 +88,18 @@ def _collective(name: str) -> Iterator[None]:
 def collective_timeout(error: BaseException) -> str | None:
     """The log line for a collective that waited train.dist_timeout_s for a rank that stopped answering.
 
-    None for any other error. The collective is the dist_kp helper that raised, else DDP's
-    gradient all_reduce when the error came out of a backward pass.
+    None for any other error. The collective is the dist_kp helper that raised, else DDP's: the
+    gradient all_reduce of a backward pass, or the buffer broadcast (BatchNorm statistics) that
+    starts a forward pass (where a stopped rank is noticed depends on when it stopped).
     """
     if not isinstance(error, RuntimeError) or not _TIMED_OUT.search(str(error)):
         return None
-    in_backward = "backward" in [frame.name for frame in traceback.extract_tb(error.__traceback__)]
-    name = getattr(error, "dist_kp_collective", None) or ("all_reduce (DDP gradients)" if in_backward else None)
+    frames = {frame.name for frame in traceback.extract_tb(error.__traceback__)}
+    name = getattr(error, "dist_kp_collective", None)
+    if name is None and "backward" in frames:
+        name = "all_reduce (DDP gradients)"
+    elif name is None and "_sync_buffers" in frames:
+        name = "broadcast (DDP buffers, before the forward pass)"
     if name is None and not isinstance(error, dist.DistBackendError):
         return None  # a timeout of something else (a data loader, a file system)
     where = f"at step {_COLLECTIVES.step}" if _COLLECTIVES.step is not None else "before the first training step"
