@@ -132,14 +132,21 @@ def _uses_slurm(path: str) -> bool:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under `-n N` (launch/test.sh), tests go to the workers a scope of xdist_scope at a time, the
-    scopes with the most tests first. (pytest-xdist's own xdist_group marks cannot be used: they rename
+    """Under `-n N` (launch/test.sh), tests go to the workers a scope of xdist_scope at a time: the
+    SLURM one first, then the scopes with the most tests first. (pytest-xdist's own xdist_group marks cannot be used: they rename
     the test's nodeid, which pytest 9 no longer lets a plugin do.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             return xdist_scope(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            # The SLURM scope is the longest (a third of the suite's time): started last, the other
+            # worker would sit idle at the end.
+            if "slurm" in self.workqueue:
+                self.workqueue.move_to_end("slurm", last=False)
+            super()._assign_work_unit(node)
 
     return FileScheduling(config, log)
 
