@@ -112,14 +112,9 @@ class PreemptionHandler:
         name = signal.Signals(self.received).name if self.received else "a signal on another rank"
         job_id = os.environ.get("SLURM_JOB_ID")
         requeued = False
-        if distributed.is_main_process() and job_id and self._requeue_allowed(job_id):
-            result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-            requeued = result.returncode == 0
-            if requeued:
-                log.info("stopped by %s: checkpoint saved, SLURM job %s requeued", name, job_id)
-            else:
-                log.error("stopped by %s: checkpoint saved, but `scontrol requeue %s` failed: %s", name, job_id,
-                          result.stderr.strip())
+        job = _slurm_job(job_id) if distributed.is_main_process() and job_id else None
+        if job is not None and _requeue_allowed(job_id, job):
+            requeued = _requeue(job_id, job, name)
         elif distributed.is_main_process():
             log.warning("stopped by %s: checkpoint saved; start the same command again to resume", name)
         requeued = bool(distributed.broadcast_object(requeued))
@@ -127,27 +122,59 @@ class PreemptionHandler:
         _job_requeued = requeued
         return 0 if requeued else EXIT_PREEMPTED
 
-    @staticmethod
-    def _requeue_allowed(job_id: str) -> bool:
-        try:
-            text = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True,
-                                  timeout=60).stdout
-        except FileNotFoundError:
-            # Inside a container without SLURM's tools: the batch script requeues on our exit status.
-            log.warning("scontrol is not available here; exiting with status %d for the batch script to requeue",
-                        EXIT_PREEMPTED)
-            return False
-        except (OSError, subprocess.SubprocessError) as error:
-            log.error("cannot ask SLURM about job %s: %s", job_id, error)
-            return False
-        if "Requeue=1" not in text:
-            log.warning("SLURM job %s was submitted without --requeue; not requeueing", job_id)
-            return False
-        state = re.search(r"JobState=(\S+)", text)
-        if state and state.group(1) != "RUNNING":
-            # A warning (--signal=USR1@120, scancel --signal, a preemption's grace time) comes while
-            # the job runs; `scancel JOB` makes it COMPLETING at once: the user wants it gone.
-            log.warning("SLURM job %s is %s (cancelled, or SLURM requeues it itself): not requeueing; "
-                        "submit the same command again to resume", job_id, state.group(1))
-            return False
+
+def _slurm_job(job_id: str) -> str | None:
+    """`scontrol show job` of the job, or None when SLURM cannot be asked (said in the log)."""
+    try:
+        return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
+    except FileNotFoundError:
+        # Inside a container without SLURM's tools: the batch script requeues on our exit status.
+        log.warning("scontrol is not available here; exiting with status %d for the batch script to requeue",
+                    EXIT_PREEMPTED)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.error("cannot ask SLURM about job %s: %s", job_id, error)
+    return None
+
+
+def _requeue_allowed(job_id: str, job: str) -> bool:
+    if "Requeue=1" not in job:
+        log.warning("SLURM job %s was submitted without --requeue; not requeueing", job_id)
+        return False
+    state = re.search(r"JobState=(\S+)", job)
+    if state and state.group(1) != "RUNNING":
+        # A warning (--signal=USR1@120, scancel --signal, a preemption's grace time) comes while
+        # the job runs; `scancel JOB` makes it COMPLETING at once: the user wants it gone.
+        log.warning("SLURM job %s is %s (cancelled, or SLURM requeues it itself): not requeueing; "
+                    "submit the same command again to resume", job_id, state.group(1))
+        return False
+    return True
+
+
+def _restarts(job: str | None) -> int | None:
+    found = re.search(r"Restarts=(\d+)", job or "")
+    return int(found.group(1)) if found else None
+
+
+def _requeue(job_id: str, job: str, name: str) -> bool:
+    """`scontrol requeue` the job; True when SLURM took it back.
+
+    The requeue ends the job's processes at once, and scontrol is one of them (a child of this
+    rank): it can be killed by SLURM's SIGTERM after the requeue took effect and before it exits
+    0. Killed by a signal, the job's restart count says whether the requeue happened.
+    """
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if result.returncode == 0:
+        log.info("stopped by %s: checkpoint saved, SLURM job %s requeued", name, job_id)
         return True
+    if result.returncode < 0:
+        ended = f"ended by {signal.Signals(-result.returncode).name}"
+        before, after = _restarts(job), _restarts(_slurm_job(job_id))
+        if before is not None and after is not None and after > before:
+            log.info("stopped by %s: checkpoint saved, SLURM job %s requeued (restart %d; `scontrol requeue` was %s "
+                     "as the requeue ended the job's processes)", name, job_id, after, ended)
+            return True
+        detail = f"{ended}, and the job's restart count stayed {before}"
+    else:
+        detail = result.stderr.strip() or f"exit status {result.returncode}"
+    log.error("stopped by %s: checkpoint saved, but `scontrol requeue %s` failed: %s", name, job_id, detail)
+    return False
