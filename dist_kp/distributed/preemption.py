@@ -173,7 +173,8 @@ def _requeue(job_id: str, job: str, name: str) -> bool:
             log.info("stopped by %s: checkpoint saved, SLURM job %s requeued (restart %d; `scontrol requeue` was %s "
                      "as the requeue ended the job's processes)", name, job_id, after, ended)
             return True
-        detail = f"{ended}, and the job's restart count stayed {before}"
+        detail = (f"{ended}, and the job's restart count stayed {before}" if after is not None
+                  else f"{ended}, and the job's restart count could not be read after it")
     else:
         detail = result.stderr.strip() or f"exit status {result.returncode}"
     log.error("stopped by %s: checkpoint saved, but `scontrol requeue %s` failed: %s", name, job_id, detail)
