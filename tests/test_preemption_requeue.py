@@ -1,7 +1,7 @@
 """Rank 0's `scontrol requeue` after a preemption checkpoint, when the requeue kills scontrol itself.
 
 SLURM ends every process of a requeued job at once, and scontrol, a child of rank 0, is one of
-them: killed by SIGTERM after the requeue took effect, it never exits 0 (seen on the test cluster
+them: killed by SIGTERM after the requeue took effect, it does not exit 0 (seen on the test cluster
 under three test workers: the job came back, rank 0 logged "`scontrol requeue 10` failed: " and
 exited as not requeued). The stand-in `scontrol` below plays SLURM's side of that race; the real
 cluster's side is tests/test_slurm.py.
@@ -41,7 +41,7 @@ def slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     scontrol.parent.mkdir()
     scontrol.write_text(STAND_IN)
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{scontrol.parent}:{Path('/usr/bin')}:{Path('/bin')}")
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:/usr/bin:/bin")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setattr(preemption, "_job_requeued", False)
 
