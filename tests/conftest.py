@@ -133,8 +133,8 @@ def _uses_slurm(path: str) -> bool:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """Under `-n N` (launch/test.sh), tests go to the workers a scope of xdist_scope at a time: the
-    SLURM one first, then the scopes with the most tests first. (pytest-xdist's own xdist_group marks cannot be used: they rename
-    the test's nodeid, which pytest 9 no longer lets a plugin do.)"""
+    SLURM one first, then the scopes with the most tests first. (pytest-xdist's own xdist_group marks
+    cannot be used: they rename the test's nodeid, which pytest 9 no longer lets a plugin do.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileScheduling(LoadScopeScheduling):
