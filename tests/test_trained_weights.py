@@ -81,10 +81,10 @@ def test_evaluate_with_the_coco_config_reads_no_backbone_file_for_a_model_traine
 def test_a_config_model_key_that_changes_the_network_is_refused_naming_the_key_and_both_values(
         run: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     assert evaluate(TINY_CONFIG, run / "model_final.pt", synthetic_root, tmp_path / "wide",
-                    "model.fpn_channels=64", "model.min_size=[160]") == 2
+                    "model.fpn_channels=64", "model.min_size=[112]") == 2
     err = capfd.readouterr().err
     assert "model.fpn_channels: weights file 32, --config 64" in err
-    assert "model.min_size: weights file [128], --config [160]" in err
+    assert "model.min_size: weights file [96], --config [112]" in err
     assert not (tmp_path / "wide/eval").exists()
 
 
