@@ -29,6 +29,7 @@ from tests.conftest import (
     run_module,
     start_module,
     tiny_overrides,
+    train_here,
     wait_until,
 )
 from tests.s3_server import ACCESS_KEY, SECRET_KEY
@@ -226,8 +227,9 @@ def test_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path: Path) -> 
     assert not marker.exists()
 
 
-def test_resume_none_refuses_an_output_dir_with_checkpoints(straight_run: Path, synthetic_root: Path) -> None:
-    result = run_module("dist_kp.train", [*train_args(synthetic_root, str(straight_run), 0), "checkpoint.resume=none"])
+def test_resume_none_refuses_an_output_dir_with_checkpoints(straight_run: Path, synthetic_root: Path,
+                                                           capfd: pytest.CaptureFixture) -> None:
+    result = train_here([*train_args(synthetic_root, str(straight_run), 0), "checkpoint.resume=none"], capfd)
     assert result.returncode != 0
     assert "already holds checkpoints" in result.stderr and "checkpoint.overwrite=true" in result.stderr
 

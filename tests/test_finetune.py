@@ -18,7 +18,8 @@ from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES
 from dist_kp.model.keypoint_rcnn import KEYPOINT_BIAS as BIAS
 from dist_kp.model.keypoint_rcnn import KEYPOINT_LOGITS as LOGITS
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model
-from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
+from dist_kp.train import main as train_main
+from tests.conftest import TINY_CONFIG, check, logging_kept, tiny_overrides, train_here
 from tests.test_model import offline_torch_home  # noqa: F401 - the fixture: an empty hub cache, downloads refused
 
 FIVE_KEYPOINTS = ["nose", "left_shoulder", "right_shoulder", "left_hip", "right_hip"]
@@ -43,8 +44,9 @@ def select_keypoints(source: Path, out: Path, names: list[str]) -> Path:
 def coco_weights(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model_final.pt of a few steps of the tiny model on the 17-keypoint set."""
     out = tmp_path_factory.mktemp("coco_run")
-    check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
-        synthetic_root, out, "train.max_steps=3", "eval.at_end=false", *QUICK)]))
+    with logging_kept():  # built inside the first user's setup, before its logging_as_found looks
+        assert train_main(["--config", str(TINY_CONFIG), *tiny_overrides(
+            synthetic_root, out, "train.max_steps=3", "eval.at_end=false", *QUICK)]) == 0
     return out / "model_final.pt"
 
 
@@ -61,7 +63,7 @@ def test_the_five_keypoint_set_is_a_valid_coco_set_with_mirrored_names(five_keyp
 
 
 def test_a_five_keypoint_run_loads_every_tensor_of_a_seventeen_keypoint_model_and_the_rows_of_its_joints(
-        coco_weights: Path, five_keypoint_root: Path, tmp_path: Path) -> None:
+        coco_weights: Path, five_keypoint_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     source = torch.load(coco_weights, map_location="cpu", weights_only=True)["model"]
     # The model the fine-tuning run starts from, before its first step (without names: by shape only).
     start = build_model(load_config(TINY_CONFIG, [f"model.weights={coco_weights}"]).model, num_keypoints=5)
@@ -72,9 +74,9 @@ def test_a_five_keypoint_run_loads_every_tensor_of_a_seventeen_keypoint_model_an
             assert torch.equal(tensor, source[name]), f"{name} was not loaded from the 17-keypoint model"
 
     out = tmp_path / "finetune"
-    result = check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
+    result = check(train_here(["--config", str(TINY_CONFIG), *tiny_overrides(
         five_keypoint_root, out, f"model.weights={coco_weights}", "train.max_steps=2", "data.min_visible_keypoints=1",
-        "eval.max_images=4", FIVE_SIGMAS, *QUICK)]))
+        "eval.max_images=4", FIVE_SIGMAS, *QUICK)], capfd))
     log = result.stderr
     assert (f"weights from {coco_weights}: {len(source) - 2} tensors loaded, 2 copied by joint name, "
             "0 re-initialised, 0 unused") in log

@@ -19,7 +19,19 @@ from dist_kp.engine.checkpoint import CheckpointStore
 from dist_kp.config import CheckpointConfig
 from dist_kp.distributed.preemption import stalled_message
 from dist_kp.storage.run_folder import RunFolder
-from tests.conftest import TINY_CONFIG, LogReader, check, child_env, run_module, start_module, tiny_overrides, wait_until
+from dist_kp.train import main as train_main
+from tests.conftest import (
+    TINY_CONFIG,
+    LogReader,
+    check,
+    child_env,
+    logging_kept,
+    run_module,
+    start_module,
+    tiny_overrides,
+    train_here,
+    wait_until,
+)
 
 QUIET = ("train.workers=0", "eval.every_epochs=0", "eval.at_end=false", "checkpoint.every_steps=1")
 
@@ -42,7 +54,8 @@ def resumed_from(log: str) -> str:
 def four_steps(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run of 4 steps, a checkpoint at every step (the default keep_last=3 keeps 2, 3, 4)."""
     out = tmp_path_factory.mktemp("four") / "k"
-    check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=4")))
+    with logging_kept():  # built inside the first user's setup, before its logging_as_found looks
+        assert train_main(train_args(synthetic_root, out, "train.max_steps=4")) == 0
     assert store_of(out).steps() == [2, 3, 4]
     return out
 
@@ -54,12 +67,12 @@ def copy_of(run: Path, tmp_path: Path) -> Path:
 
 
 def test_resuming_an_earlier_step_keeps_the_new_checkpoints_and_auto_continues_them(
-    four_steps: Path, synthetic_root: Path, tmp_path: Path
+    four_steps: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     out = copy_of(four_steps, tmp_path)
     branch = f"{out}/checkpoints/step_00000002"
-    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=3",
-                                                          "checkpoint.keep_last=1", f"checkpoint.resume={branch}")))
+    result = check(train_here(train_args(synthetic_root, out, "train.max_steps=3", "checkpoint.keep_last=1",
+                                         f"checkpoint.resume={branch}"), capfd))
     assert "checkpoint step 3 saved" in result.stderr
     store = store_of(out)
     assert 3 in store.steps() and store.manifest(3)["origin"] == branch
@@ -70,7 +83,7 @@ def test_resuming_an_earlier_step_keeps_the_new_checkpoints_and_auto_continues_t
 
 
 def test_an_unloadable_checkpoint_beside_valid_ones_never_displaces_the_new_ones(
-    four_steps: Path, synthetic_root: Path, tmp_path: Path
+    four_steps: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     out = copy_of(four_steps, tmp_path)
     bad = out / "checkpoints" / "step_00000009"
@@ -78,8 +91,7 @@ def test_an_unloadable_checkpoint_beside_valid_ones_never_displaces_the_new_ones
     data = bytearray((bad / "state.pt").read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: the manifest's sizes match, its sha256 does not
     (bad / "state.pt").write_bytes(bytes(data))
-    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=6",
-                                                          "checkpoint.keep_last=1")))
+    result = check(train_here(train_args(synthetic_root, out, "train.max_steps=6", "checkpoint.keep_last=1"), capfd))
     assert resumed_from(result.stderr).endswith("step_00000004")
     assert "checkpoint step 5 saved" in result.stderr and "checkpoint step 6 saved" in result.stderr
     url, state = store_of(out).latest()
@@ -97,7 +109,7 @@ def read_until(process: subprocess.Popen, needle: str, timeout: float = 300) -> 
 
 
 def test_an_explicit_resume_applies_to_the_first_start_only(four_steps: Path, synthetic_root: Path,
-                                                            tmp_path: Path) -> None:
+                                                            tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     out = copy_of(four_steps, tmp_path)
     args = train_args(synthetic_root, out, "train.max_steps=12", f"checkpoint.resume={out}/checkpoints/step_00000002")
     run = start_module("dist_kp.train", args)
@@ -107,7 +119,7 @@ def test_an_explicit_resume_applies_to_the_first_start_only(four_steps: Path, sy
     assert run.wait(timeout=120) == 143, log[-3000:]
     saved = max(int(s) for s in re.findall(r"checkpoint step (\d+) saved", log))
     assert saved >= 5
-    result = check(run_module("dist_kp.train", args))
+    result = check(train_here(args, capfd))
     assert resumed_from(result.stderr).endswith(f"step_{saved:08d}")
     assert "taken by an earlier start of this run" in result.stderr
     assert "training finished at step 12" in result.stderr
@@ -169,12 +181,12 @@ def test_a_signal_before_training_starts_ends_the_process_promptly(synthetic_roo
 
 
 def test_resuming_mid_epoch_on_another_number_of_processes_continues_with_a_warning(
-    synthetic_root: Path, tmp_path: Path
+    synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "run"
     # 1 process: 12 steps per epoch; stopped at step 8, mid-epoch: 32 of 48 samples trained. 2 processes
     # train the other 16 in 2 steps (epoch 0 ends at step 10), then 6 steps per epoch.
-    check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=8")))
+    check(train_here(train_args(synthetic_root, out, "train.max_steps=8"), capfd))
     result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=12"), nproc=2))
     assert ("resumed on 2 processes, checkpoint written by 1; continuing epoch 0 at sample 32 of 48 (2 steps per "
             "process left in it; 8 images per step, were 4: optim.lr is not rescaled)") in result.stderr
@@ -183,10 +195,10 @@ def test_resuming_mid_epoch_on_another_number_of_processes_continues_with_a_warn
 
 
 def test_resuming_with_another_model_config_names_the_checkpoint_and_the_keys(four_steps: Path,
-                                                                             synthetic_root: Path,
-                                                                             tmp_path: Path) -> None:
+                                                                             synthetic_root: Path, tmp_path: Path,
+                                                                             capfd: pytest.CaptureFixture) -> None:
     out = copy_of(four_steps, tmp_path)
-    result = run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=6", "model.fpn_channels=64"))
+    result = train_here(train_args(synthetic_root, out, "train.max_steps=6", "model.fpn_channels=64"), capfd)
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"{out}/checkpoints/step_00000004" in result.stderr
     assert "model.fpn_channels (32 in the checkpoint, 64 now)" in result.stderr

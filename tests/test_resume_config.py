@@ -10,7 +10,7 @@ import pytest
 
 from dist_kp.config import load_config
 from dist_kp.engine.schedule import lr_factor
-from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides
+from tests.conftest import TINY_CONFIG, check, run_module, tiny_overrides, train_here
 from tests.test_agreement import TRAIN_JSON, changed_copy
 from tests.test_hostile_runs import store_of
 
@@ -55,11 +55,10 @@ def test_a_new_lr_and_momentum_at_resume_apply_from_the_resumed_step(three_steps
 
 
 def test_a_changed_training_set_at_resume_is_refused_naming_the_key_and_keeps_config_yaml(
-        three_steps: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        three_steps: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     out = copy_of(three_steps, tmp_path)
     config_before = (out / "config.yaml").read_bytes()
-    result = run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=5",
-                                                    "data.min_visible_keypoints=3"))
+    result = train_here(train_args(synthetic_root, out, "train.max_steps=5", "data.min_visible_keypoints=3"), capfd)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "data.min_visible_keypoints (5 in the checkpoint, 3 now)" in result.stderr
     assert "Traceback" not in result.stderr
@@ -68,12 +67,11 @@ def test_a_changed_training_set_at_resume_is_refused_naming_the_key_and_keeps_co
 
 
 def test_a_run_that_set_min_visible_keypoints_10_on_17_keypoints_resumes_with_the_default_that_means_10(
-        synthetic_root: Path, tmp_path: Path) -> None:
+        synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"  # written as the COCO config (and every run before the default followed the skeleton)
-    check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=2",
-                                                 "data.min_visible_keypoints=10")))
-    result = check(run_module("dist_kp.train", train_args(synthetic_root, out, "train.max_steps=3",
-                                                          "data.min_visible_keypoints=null")))
+    check(train_here(train_args(synthetic_root, out, "train.max_steps=2", "data.min_visible_keypoints=10"), capfd))
+    result = check(train_here(train_args(synthetic_root, out, "train.max_steps=3", "data.min_visible_keypoints=null"),
+                              capfd))
     assert "resumed from" in result.stderr and "training finished at step 3" in result.stderr
     assert "data.min_visible_keypoints" not in result.stderr  # neither refused nor logged as a change
     assert store_of(out).latest()[1]["config"]["data"]["min_visible_keypoints"] == 10  # recorded resolved
@@ -94,11 +92,11 @@ def test_a_run_resumed_with_max_steps_below_its_checkpoint_changes_nothing_and_s
 
 
 def test_a_dataset_moved_to_another_root_resumes_when_its_content_is_the_same(three_steps: Path,
-                                                                              synthetic_root: Path,
-                                                                              tmp_path: Path) -> None:
+                                                                              synthetic_root: Path, tmp_path: Path,
+                                                                              capfd: pytest.CaptureFixture) -> None:
     out = copy_of(three_steps, tmp_path)
     moved = shutil.copytree(synthetic_root, tmp_path / "moved")
-    result = check(run_module("dist_kp.train", train_args(moved, out, "train.max_steps=5")))
+    result = check(train_here(train_args(moved, out, "train.max_steps=5"), capfd))
     assert f"data.root {str(synthetic_root)!r} -> {str(moved)!r}, applied from step 3 on" in result.stderr
     store = store_of(out)
     assert store.steps()[-1] == 5
@@ -106,10 +104,10 @@ def test_a_dataset_moved_to_another_root_resumes_when_its_content_is_the_same(th
 
 
 def test_a_moved_dataset_with_other_content_at_resume_is_refused_saying_the_content_differs(
-        three_steps: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        three_steps: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     out = copy_of(three_steps, tmp_path)
     changed = changed_copy(synthetic_root, tmp_path / "changed")
-    result = run_module("dist_kp.train", train_args(changed, out, "train.max_steps=5"))
+    result = train_here(train_args(changed, out, "train.max_steps=5"), capfd)
     assert result.returncode == 1, result.stderr[-3000:]
     assert f"data.root ({str(synthetic_root)!r} in the checkpoint, {str(changed)!r} now): the content differs " \
            f"(data.train_annotations content sha256" in result.stderr
