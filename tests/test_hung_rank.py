@@ -29,7 +29,9 @@ from tests.conftest import (
 TIMEOUT_S = 20
 # Past the collective timeout: gloo noticing it, the error's log line, the process exiting (2 busy cores).
 MARGIN_S = 20
-# torchrun then waits this long for the stopped worker to answer SIGTERM before it kills it.
+# torchrun then waits this long for the stopped worker to answer SIGTERM before it kills it. The tests let
+# the stopped worker go on (SIGCONT) once the other rank has timed out, so that torchrun's SIGTERM ends it
+# at once: what dist_kp does is done by then, and the grace is torchrun's own.
 TORCHRUN_STOP_GRACE_S = 30
 NO_EVAL = ("eval.every_epochs=0", "eval.at_end=false", "train.workers=0")
 
@@ -77,10 +79,11 @@ def test_a_stopped_rank_ends_the_others_within_the_collective_timeout_naming_ste
     reader.start()
     try:
         wait_logged(launcher, lines, r"\] step 3 ")
-        survivor = worker_of_rank(launcher.pid, 0)
-        kill_tree(worker_of_rank(launcher.pid, 1), signal.SIGSTOP)
+        survivor, stopped = worker_of_rank(launcher.pid, 0), worker_of_rank(launcher.pid, 1)
+        kill_tree(stopped, signal.SIGSTOP)
         stopped_at = time.monotonic()
         survivor_ended = wait_gone(survivor, TIMEOUT_S + MARGIN_S, lines)
+        kill_tree(stopped, signal.SIGCONT)
         launcher.wait(timeout=TIMEOUT_S + MARGIN_S + TORCHRUN_STOP_GRACE_S)
     finally:
         kill_tree(launcher.pid, signal.SIGKILL)
@@ -120,8 +123,11 @@ def test_with_max_restarts_a_stopped_rank_is_replaced_and_the_run_resumes_to_the
     reader.start()
     try:
         wait_logged(launcher, lines, r"checkpoint step 4 saved")
-        kill_tree(worker_of_rank(launcher.pid, 1), signal.SIGSTOP)
-        # Rank 0 times out, the agent kills the stopped worker and starts both again.
+        stopped = worker_of_rank(launcher.pid, 1)
+        kill_tree(stopped, signal.SIGSTOP)
+        # Rank 0 times out, the agent ends the stopped worker and starts both again.
+        wait_logged(launcher, lines, r"timed out after \d+ s \(a rank stopped answering\)")
+        kill_tree(stopped, signal.SIGCONT)
         launcher.wait(timeout=TIMEOUT_S + MARGIN_S + TORCHRUN_STOP_GRACE_S + 240)
     finally:
         kill_tree(launcher.pid, signal.SIGKILL)
