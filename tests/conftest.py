@@ -281,15 +281,21 @@ def run_module(module: str, args: list[str], nproc: int = 1, timeout: float = 60
                           capture_output=True, text=True, timeout=timeout)
 
 
-def train_here(args: list[str], capfd: pytest.CaptureFixture) -> subprocess.CompletedProcess:
-    """dist_kp.train's main() in this process, its exit status and output as run_module gives them: for a
+def main_here(main: Callable[[list[str]], int], args: list[str], capfd: pytest.CaptureFixture
+              ) -> subprocess.CompletedProcess:
+    """A command's main() in this process, its exit status and output as run_module gives them: for a
     one-process run whose process is not what the test is about (it saves the interpreter's start-up)."""
+    capfd.readouterr()  # the test's own output so far is not the command's
+    status = main(args)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([main.__module__, *args], status, out, err)
+
+
+def train_here(args: list[str], capfd: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+    """dist_kp.train in this process (see main_here)."""
     from dist_kp.train import main as train_main
 
-    capfd.readouterr()  # the test's own output so far is not the run's
-    status = train_main(args)
-    out, err = capfd.readouterr()
-    return subprocess.CompletedProcess(["dist_kp.train", *args], status, out, err)
+    return main_here(train_main, args, capfd)
 
 
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

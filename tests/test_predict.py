@@ -16,7 +16,8 @@ from dist_kp.config import load_config
 from dist_kp.data.index import KeypointMeta
 from dist_kp.model.keypoint_rcnn import build_model, weights_payload
 from dist_kp.predict import draw_detections, load_predictor, plan_images, read_photo
-from tests.conftest import TINY_CONFIG, check, child_env, run_module, tiny_overrides
+from dist_kp.predict import main as predict_main
+from tests.conftest import TINY_CONFIG, check, child_env, main_here, run_module, tiny_overrides
 
 FIVE_KEYPOINTS = {"category_id": 3, "keypoint_names": ["head", "left_hand", "right_hand", "left_foot", "right_foot"],
                   "skeleton": [[1, 2], [1, 3], [1, 4], [4, 5]]}
@@ -32,16 +33,17 @@ def five_keypoint_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def predict(*args: str, env: dict | None = None) -> object:
-    return run_module("dist_kp.predict", [*args, "--device", "cpu"], timeout=300, env=env)
+def predict(capfd: pytest.CaptureFixture, *args: str) -> object:
+    """dist_kp.predict in this process (main_here)."""
+    return main_here(predict_main, [*args, "--device", "cpu"], capfd)
 
 
 def test_pictures_and_results_of_every_image_and_the_results_evaluate(
-        tiny_model_final: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        tiny_model_final: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     val_images = sorted((synthetic_root / "val2017").glob("*.jpg"))
     out = tmp_path / "out"
-    check(predict("--weights", str(tiny_model_final), "--images", str(synthetic_root / "val2017"), "--out", str(out),
-                  "--score-threshold", "0.05"))
+    check(predict(capfd, "--weights", str(tiny_model_final), "--images", str(synthetic_root / "val2017"),
+                  "--out", str(out), "--score-threshold", "0.05"))
 
     results = json.loads((out / "results.json").read_text())
     mapping = json.loads((out / "images.json").read_text())["images"]
@@ -63,7 +65,7 @@ def test_pictures_and_results_of_every_image_and_the_results_evaluate(
 
 
 def test_missing_and_undecodable_images_are_named_and_the_others_done(
-        tiny_model_final: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        tiny_model_final: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     good = sorted((synthetic_root / "val2017").glob("*.jpg"))[:2]
@@ -77,8 +79,8 @@ def test_missing_and_undecodable_images_are_named_and_the_others_done(
     broken.write_bytes(b"GIF89a not a jpeg either")
     out = tmp_path / "out"
 
-    result = predict("--weights", str(tiny_model_final), "--images", str(folder), str(missing), str(broken), "--out", str(out),
-                     "--score-threshold", "0")
+    result = predict(capfd, "--weights", str(tiny_model_final), "--images", str(folder), str(missing), str(broken),
+                     "--out", str(out), "--score-threshold", "0")
 
     assert result.returncode == 1, result.stderr[-3000:]
     for name in ("corrupt.jpg", "truncated.png", "missing.jpg", "broken.jpg"):
@@ -92,7 +94,7 @@ def test_missing_and_undecodable_images_are_named_and_the_others_done(
 
 
 def test_custom_skeleton_weights_round_trip_and_predict_with_their_keypoints(
-        five_keypoint_weights: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        five_keypoint_weights: Path, synthetic_root: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     model, meta = load_predictor(str(five_keypoint_weights), torch.device("cpu"))
     assert meta.to_dict() == FIVE_KEYPOINTS
     saved = torch.load(five_keypoint_weights, weights_only=True)["model"]
@@ -100,7 +102,7 @@ def test_custom_skeleton_weights_round_trip_and_predict_with_their_keypoints(
 
     out = tmp_path / "out"
     image = sorted((synthetic_root / "val2017").glob("*.jpg"))[0]
-    check(predict("--weights", str(five_keypoint_weights), "--images", str(image), "--out", str(out),
+    check(predict(capfd, "--weights", str(five_keypoint_weights), "--images", str(image), "--out", str(out),
                   "--score-threshold", "0"))
     results = json.loads((out / "results.json").read_text())
     assert results, "an untrained model still returns low-scoring boxes at threshold 0"
@@ -131,12 +133,13 @@ def test_image_ids_are_coco_numbers_when_every_name_is_one_else_input_order() ->
     assert len({i.picture for i in mixed}) == 4, "the same file name in two folders gets two pictures"
 
 
-def test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2(tmp_path: Path) -> None:
+def test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2(tmp_path: Path,
+                                                                          capfd: pytest.CaptureFixture) -> None:
     cfg = load_config(TINY_CONFIG, [])
     bare = tmp_path / "state_dict.pt"
     torch.save(build_model(cfg.model, 17).state_dict(), bare)
     for weights, message in ((bare, "not a dist_kp weights file"), (tmp_path / "absent.pt", "weights file not found")):
-        result = predict("--weights", str(weights), "--images", str(tmp_path), "--out", str(tmp_path / "out"))
+        result = predict(capfd, "--weights", str(weights), "--images", str(tmp_path), "--out", str(tmp_path / "out"))
         assert result.returncode == 2 and message in result.stderr and str(weights) in result.stderr, result.stderr
 
 
@@ -163,8 +166,9 @@ def test_weights_images_and_output_on_s3(s3_server, five_keypoint_weights: Path,
     for image in images:
         fs.put(str(image), f"{bucket}/photos/{image.name}")
 
-    check(predict("--weights", f"s3://{bucket}/run/model_final.pt", "--images", f"s3://{bucket}/photos/",
-                  "--out", f"s3://{bucket}/predictions", "--score-threshold", "0", env=child_env(**s3_server.env())))
+    args = ["--weights", f"s3://{bucket}/run/model_final.pt", "--images", f"s3://{bucket}/photos/",
+            "--out", f"s3://{bucket}/predictions", "--score-threshold", "0", "--device", "cpu"]
+    check(run_module("dist_kp.predict", args, env=child_env(**s3_server.env())))
 
     fs.invalidate_cache()
     written = sorted(name.rsplit("/", 1)[1] for name in fs.ls(f"{bucket}/predictions"))
