@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dist_kp.config import ConfigError, load_config
-from tests.conftest import REPO, TINY_CONFIG, check, run_module, tiny_overrides
+from tests.conftest import REPO, TINY_CONFIG, check, run_module, tiny_overrides, train_here
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -43,11 +43,12 @@ def test_impossible_values_are_refused(override: str, key: str) -> None:
     assert any(key in line for line in problems), problems  # the error itself names the key
 
 
-def test_milestone_past_the_last_epoch_is_a_warning_and_the_run_trains(tmp_path: Path, synthetic_root: Path) -> None:
+def test_milestone_past_the_last_epoch_is_a_warning_and_the_run_trains(tmp_path: Path, synthetic_root: Path,
+                                                                        capfd: pytest.CaptureFixture) -> None:
     # The tiny config's milestones are [8]: a two-epoch run needs no second override.
-    result = check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *tiny_overrides(
+    result = check(train_here(["--config", str(TINY_CONFIG), *tiny_overrides(
         synthetic_root, tmp_path / "run", "train.epochs=2", "train.max_steps=2", "train.workers=0",
-        "eval.every_epochs=0", "eval.at_end=false")]))
+        "eval.every_epochs=0", "eval.at_end=false")], capfd))
     warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "schedule.milestones" in line]
     assert len(warnings) == 1 and "[8]" in warnings[0] and "train.epochs=2" in warnings[0], result.stderr[-3000:]
     assert "training finished at step 2" in result.stderr
@@ -66,11 +67,12 @@ def test_override_without_equals_is_refused() -> None:
         load_config(TINY_CONFIG, ["optim.lr"])
 
 
-def test_written_config_loads_back_to_the_same_config(tmp_path: Path, synthetic_root: Path) -> None:
+def test_written_config_loads_back_to_the_same_config(tmp_path: Path, synthetic_root: Path,
+                                                       capfd: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     overrides = [f"data.root={synthetic_root}", f"output_dir={out}", "train.max_steps=1", "train.workers=0",
                  "eval.every_epochs=0", "eval.at_end=false", "optim.lr=0.0123"]
-    check(run_module("dist_kp.train", ["--config", str(TINY_CONFIG), *overrides]))
+    check(train_here(["--config", str(TINY_CONFIG), *overrides], capfd))
     assert load_config(out / "config.yaml") == load_config(TINY_CONFIG, overrides)
 
 
