@@ -38,7 +38,8 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Resized to 128-192: TorchScript's resize computes its scale in float32, and at some sizes its picture is
     a pixel smaller than eager PyTorch's (300x400 at min_size 96: 95x127 against 96x128), which changes the
     detections of this untrained model; at 128 every picture of these tests resizes alike."""
-    cfg = load_config(TINY_CONFIG, ["model.box_detections_per_img=100", "model.min_size=[128]", "model.max_size=192"]).model
+    cfg = load_config(TINY_CONFIG, ["model.box_detections_per_img=100", "model.min_size=[128]",
+                                    "model.max_size=192"]).model
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("export") / "model_final.pt"
     meta = {"category_id": 1, "keypoint_names": COCO_KEYPOINT_NAMES, "skeleton": COCO_SKELETON}
