@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 from types import CodeType
 from typing import TypeVar
 
@@ -281,24 +282,24 @@ def run_module(module: str, args: list[str], nproc: int = 1, timeout: float = 60
                           capture_output=True, text=True, timeout=timeout)
 
 
-def main_here(main: Callable[[list[str]], int], args: list[str], capfd: pytest.CaptureFixture
-              ) -> subprocess.CompletedProcess:
-    """A command's main() in this process, its exit status and output as run_module gives them: for a
-    one-process run whose process is not what the test is about (it saves the interpreter's start-up)."""
+def main_here(main: Callable[[list[str]], int], args: list[str], capfd: pytest.CaptureFixture) -> CompletedProcess:
+    """A command's main() in this process, its exit status and output as a finished child's would be: for
+    a one-process run whose process is not what the test is about (it saves the interpreter's start-up).
+    Its tests are in the fast tier: STARTS_PROCESSES finds no process-starting call in this source."""
     capfd.readouterr()  # the test's own output so far is not the command's
     status = main(args)
     out, err = capfd.readouterr()
-    return subprocess.CompletedProcess([main.__module__, *args], status, out, err)
+    return CompletedProcess([main.__module__, *args], status, out, err)
 
 
-def train_here(args: list[str], capfd: pytest.CaptureFixture) -> subprocess.CompletedProcess:
+def train_here(args: list[str], capfd: pytest.CaptureFixture) -> CompletedProcess:
     """dist_kp.train in this process (see main_here)."""
     from dist_kp.train import main as train_main
 
     return main_here(train_main, args, capfd)
 
 
-def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def check(result: CompletedProcess) -> CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-8000:]}"
     return result
 

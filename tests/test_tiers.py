@@ -22,12 +22,14 @@ def test_a_process_started_by_a_helper_of_a_helper_or_a_class_in_a_comprehension
 
 
 def test_the_torchrun_tests_that_call_their_file_helpers_are_in_the_integration_tier() -> None:
-    from tests import test_agreement, test_index, test_predict
+    from tests import test_agreement, test_eval_results_file, test_index, test_predict
 
     for test in (test_agreement.test_a_learning_rate_that_differs_on_one_rank_is_refused_on_every_rank,
                  test_index.test_ranks_started_independently_build_the_cache_once,
-                 test_predict.test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2):
+                 test_eval_results_file.test_a_bad_record_is_named_with_its_file_and_rule):
         assert starts_processes([test]), test.__name__
+    # A command run in the test's process (conftest.main_here, through the file's helper) starts none.
+    assert not starts_processes([test_predict.test_a_file_without_model_config_and_skeleton_is_refused_with_exit_2])
 
 
 # Collect the whole suite in a child pytest and write each test's id and fixture closure.
