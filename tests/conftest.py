@@ -228,17 +228,22 @@ def tiny_overrides(data_root: Path, output_dir: str | Path, *extra: str) -> list
     return [f"data.root={data_root}", f"output_dir={output_dir}", "train.log_every=1", *extra]
 
 
+def train_for_fixture(args: list[str]) -> None:
+    """Train with dist_kp.train's main() in this process for a module or session fixture, which is built
+    inside its first user's setup, before that test's logging_as_found looks: logging is put back here."""
+    from dist_kp.train import main as train_main
+
+    with logging_kept():
+        assert train_main(args) == 0, f"training for a fixture failed: {args}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model_final(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model_final.pt of the tiny model trained 20 steps in this process by the training command's main(),
     shared by the files that need some trained weights (evaluation on 1-3 processes, predict)."""
-    from dist_kp.train import main as train_main
-
     out = tmp_path_factory.mktemp("tiny_trained")
-    with logging_kept():  # built inside the first user's setup, before its logging_as_found looks
-        assert train_main(["--config", str(TINY_CONFIG), *tiny_overrides(
-            synthetic_root, out, "train.max_steps=20", "train.workers=0", "eval.every_epochs=0",
-            "eval.at_end=false")]) == 0
+    train_for_fixture(["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, out, "train.max_steps=20", "train.workers=0", "eval.every_epochs=0", "eval.at_end=false")])
     return out / "model_final.pt"
 
 

@@ -18,8 +18,7 @@ from dist_kp.data.synthetic import COCO_KEYPOINT_NAMES
 from dist_kp.model.keypoint_rcnn import KEYPOINT_BIAS as BIAS
 from dist_kp.model.keypoint_rcnn import KEYPOINT_LOGITS as LOGITS
 from dist_kp.model.keypoint_rcnn import WeightsError, build_model
-from dist_kp.train import main as train_main
-from tests.conftest import TINY_CONFIG, check, logging_kept, tiny_overrides, train_here
+from tests.conftest import TINY_CONFIG, check, tiny_overrides, train_for_fixture, train_here
 from tests.test_model import offline_torch_home  # noqa: F401 - the fixture: an empty hub cache, downloads refused
 
 FIVE_KEYPOINTS = ["nose", "left_shoulder", "right_shoulder", "left_hip", "right_hip"]
@@ -44,9 +43,8 @@ def select_keypoints(source: Path, out: Path, names: list[str]) -> Path:
 def coco_weights(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """model_final.pt of a few steps of the tiny model on the 17-keypoint set."""
     out = tmp_path_factory.mktemp("coco_run")
-    with logging_kept():  # built inside the first user's setup, before its logging_as_found looks
-        assert train_main(["--config", str(TINY_CONFIG), *tiny_overrides(
-            synthetic_root, out, "train.max_steps=3", "eval.at_end=false", *QUICK)]) == 0
+    train_for_fixture(["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, out, "train.max_steps=3", "eval.at_end=false", *QUICK)])
     return out / "model_final.pt"
 
 

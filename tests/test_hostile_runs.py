@@ -19,16 +19,15 @@ from dist_kp.engine.checkpoint import CheckpointStore
 from dist_kp.config import CheckpointConfig
 from dist_kp.distributed.preemption import stalled_message
 from dist_kp.storage.run_folder import RunFolder
-from dist_kp.train import main as train_main
 from tests.conftest import (
     TINY_CONFIG,
     LogReader,
     check,
     child_env,
-    logging_kept,
     run_module,
     start_module,
     tiny_overrides,
+    train_for_fixture,
     train_here,
     wait_until,
 )
@@ -54,8 +53,7 @@ def resumed_from(log: str) -> str:
 def four_steps(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished run of 4 steps, a checkpoint at every step (the default keep_last=3 keeps 2, 3, 4)."""
     out = tmp_path_factory.mktemp("four") / "k"
-    with logging_kept():  # built inside the first user's setup, before its logging_as_found looks
-        assert train_main(train_args(synthetic_root, out, "train.max_steps=4")) == 0
+    train_for_fixture(train_args(synthetic_root, out, "train.max_steps=4"))
     assert store_of(out).steps() == [2, 3, 4]
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import numpy as np
 import pytest
@@ -33,7 +34,7 @@ def five_keypoint_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def predict(capfd: pytest.CaptureFixture, *args: str) -> object:
+def predict(capfd: pytest.CaptureFixture, *args: str) -> CompletedProcess:
     """dist_kp.predict in this process (main_here)."""
     return main_here(predict_main, [*args, "--device", "cpu"], capfd)
 

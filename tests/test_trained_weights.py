@@ -17,8 +17,7 @@ from dist_kp.export import main as export_main
 from dist_kp.model.keypoint_rcnn import build_model, read_weights_file, weights_payload
 from dist_kp.model.trained import trained_model
 from dist_kp.predict import main as predict_main
-from dist_kp.train import main as train_main
-from tests.conftest import REPO, TINY_CONFIG, tiny_overrides
+from tests.conftest import REPO, TINY_CONFIG, tiny_overrides, train_for_fixture
 from tests.test_model import offline_torch_home  # noqa: F401 - the fixture: an empty hub cache, downloads refused
 
 COCO_CONFIG = REPO / "configs" / "coco_kp_r50_fpn.yaml"
@@ -47,9 +46,9 @@ def coco_recipe_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run trained in this process for two steps: model_final.pt and the checkpoint of step 2."""
     out = tmp_path_factory.mktemp("two_steps")
-    assert train_main(["--config", str(TINY_CONFIG), *tiny_overrides(
+    train_for_fixture(["--config", str(TINY_CONFIG), *tiny_overrides(
         synthetic_root, out, "train.max_steps=2", "train.workers=0", "eval.every_epochs=0", "eval.at_end=false",
-        "checkpoint.every_steps=2")]) == 0
+        "checkpoint.every_steps=2")])
     return out
 
 
