@@ -2,6 +2,6 @@
 
 import sys
 
-from dist_kp.cli import main
+from dist_kp.cli import console
 
-sys.exit(main())
+sys.exit(console())

@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from dist_kp import storage
+from dist_kp.cli import as_process
 from dist_kp.config import ConfigError, load_config
 from dist_kp.data.index import DataError, load_index
 from dist_kp.evaluation.backends import BACKENDS, KEYPOINT_AREAS
@@ -161,4 +162,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

@@ -37,6 +37,7 @@ import torchvision  # noqa: F401 - registers torchvision::nms and roi_align, whi
 from torchvision.models.detection import KeypointRCNN
 
 from dist_kp import distributed
+from dist_kp.cli import as_process
 from dist_kp.data.index import KeypointMeta
 from dist_kp.predict import PredictError, load_predictor
 from dist_kp.storage import Storage, StorageError
@@ -199,4 +200,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

@@ -36,6 +36,7 @@ from torchvision.models.detection import KeypointRCNN
 from torchvision.transforms.v2.functional import to_dtype
 
 from dist_kp import distributed
+from dist_kp.cli import as_process
 from dist_kp.data.index import KeypointMeta
 from dist_kp.evaluation.results import outputs_to_results
 from dist_kp.model.keypoint_rcnn import WeightsError, WeightsFile, read_weights_file
@@ -234,4 +235,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dist_kp import storage
+from dist_kp.cli import as_process
 from dist_kp.storage.run_folder import EVAL_METRICS, EVAL_PICTURES, RunFolder
 from dist_kp.tracking.metrics_file import MetricsFile
 
@@ -232,4 +233,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

@@ -30,6 +30,7 @@ os.environ.setdefault("SUBMITIT_PREEMPT_SIGNAL", "USR1")
 
 import submitit  # noqa: E402
 
+from dist_kp.cli import as_process  # noqa: E402
 from dist_kp.config import Config, ConfigError, load_config  # noqa: E402
 from dist_kp.config.packaged import resolve_config  # noqa: E402
 from dist_kp.storage import is_local_url, local_path  # noqa: E402
@@ -164,4 +165,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

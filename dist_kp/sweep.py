@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from dist_kp.cli import as_process
 from dist_kp.config import ConfigError, load_config
 from dist_kp.config.packaged import resolve_config
 from dist_kp.report import ReportError, load_history
@@ -619,4 +620,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

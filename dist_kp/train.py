@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from dist_kp import distributed, storage
+from dist_kp.cli import as_process
 from dist_kp.config import Config, ConfigError, config_to_yaml, load_config, sections_help
 from dist_kp.config.fingerprint import config_fingerprint
 from dist_kp.data.fingerprint import data_fingerprint
@@ -300,4 +301,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import logging
 import os
@@ -168,6 +169,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for tests in files:
         rng.shuffle(tests)
     items[:] = [item for tests in files for item in tests]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What collection imported (torch: ~350,000 objects) stays out of the garbage collector's walks in this
+    # process, as in dist_kp's command processes (dist_kp.cli.as_process): ~5% less CPU for in-process tests.
+    gc.freeze()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:

@@ -140,3 +140,25 @@ def test_python_m_dist_kp_is_the_same_command_and_an_unknown_command_is_refused(
     result = subprocess.run([sys.executable, "-m", "dist_kp", "fit"], cwd=REPO, env=child_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "invalid choice: 'fit'" in result.stderr
+
+
+def test_a_command_process_keeps_its_imports_out_of_the_garbage_collectors_walks(tmp_path: Path) -> None:
+    # Frozen before main runs (torch's objects: the collections of the run skip them) and again when it
+    # returns (what main imported: shutdown skips it). main's exit status is the process's.
+    code = ("import atexit, gc, sys, torch\nfrom dist_kp.cli import as_process\n"
+            "atexit.register(lambda: print('at exit', gc.get_freeze_count()))\n"
+            "def main():\n    print('in main', gc.get_freeze_count())\n    import torchvision\n    return 3\n"
+            "sys.exit(as_process(main))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=child_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 3, result.stderr
+    counts = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+    assert int(counts["in main"]) > 100_000  # torch alone
+    assert int(counts["at exit"]) > int(counts["in main"]) + 10_000  # torchvision, imported by main
+
+
+@pytest.mark.parametrize("module", sorted({module for module, _ in cli.COMMANDS.values()}
+                                          | {"dist_kp.data.index_cache"}))
+def test_every_command_module_runs_its_main_as_a_process_through_as_process(module: str) -> None:
+    source = (REPO / (module.replace(".", "/") + ".py")).read_text()
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    sys.exit(as_process(main))'), module

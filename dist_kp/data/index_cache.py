@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from dist_kp.cli import as_process
 from dist_kp.data.coco import trainable_images
 from dist_kp.data.coco_stream import index_from_stream
 from dist_kp.data.index import DataError, KeypointIndex, KeypointMeta, PackedStrings
@@ -353,4 +354,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(as_process(main))
