@@ -72,8 +72,10 @@ def loss_terms(record: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def straight_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference every killed run ends identical to, with the EMA of the weights on: the average only
+    reads the weights, so the runs without it train (weights, optimizer, losses) exactly like this one."""
     out = tmp_path_factory.mktemp("straight")
-    check(run_module("dist_kp.train", train_args(synthetic_root, str(out), workers=1), nproc=2))
+    check(run_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2))
     return out
 
 
@@ -125,27 +127,20 @@ def test_sigkill_then_same_command_ends_bit_identical(straight_run: Path, synthe
         assert loss_terms(a[step]) == loss_terms(b[step]), step
 
 
-@pytest.fixture(scope="module")
-def straight_run_with_ema(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("straight_ema")
-    check(run_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2))
-    return out
-
-
 def test_with_ema_on_sigkill_then_same_command_ends_bit_identical_ema_included(
-        straight_run_with_ema: Path, synthetic_root: Path, tmp_path: Path) -> None:
+        straight_run: Path, synthetic_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     first = start_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2)
     _, last_saved = kill_between_checkpoints(first, 5)
     result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2))
     assert resumed_at(result.stderr) >= last_saved
     assert "holds no state of dist_kp.engine.hooks.EMAHook" not in result.stderr  # restored, not restarted
-    a, b = final_state(str(straight_run_with_ema)), final_state(str(out))
+    a, b = final_state(str(straight_run)), final_state(str(out))
     assert_same_training(a, b)
     assert a[EMA_STATE]["updates"] == b[EMA_STATE]["updates"] == STEPS
     for name, averaged in a[EMA_STATE]["parameters"].items():
         assert torch.equal(averaged, b[EMA_STATE]["parameters"][name]), name
-    finals = [torch.load(run / "model_final.pt", weights_only=True) for run in (straight_run_with_ema, out)]
+    finals = [torch.load(run / "model_final.pt", weights_only=True) for run in (straight_run, out)]
     assert finals[0]["ema"] is finals[1]["ema"] is True and finals[0]["ema_updates"] == STEPS
     for name, tensor in finals[0]["model"].items():
         assert torch.equal(tensor, finals[1]["model"][name]), name
