@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -111,13 +110,11 @@ class S3Server:
         raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint} within {timeout} s: {last}")
 
     def stop(self) -> None:
+        """End the server by its PID at once (SIGKILL). Its graceful shutdown took 2 s, and 11-20 s after a
+        SIGSTOP (its filer); what it acknowledged is in its files already, and a restart serves it."""
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def volume_slots(self) -> tuple[int, int]:
