@@ -212,10 +212,12 @@ def test_as_many_names_as_keypoints_are_needed() -> None:
 
 
 def test_weights_of_another_architecture_are_refused_not_half_loaded(coco_weights: Path) -> None:
-    cfg = load_config(TINY_CONFIG, [f"model.weights={coco_weights}", "model.backbone=mobilenet_v3_large"]).model
+    cfg = load_config(TINY_CONFIG, [f"model.weights={coco_weights}", "model.backbone=mobilenet_v3_large",
+                                    "model.backbone_stages=4"]).model
     # The file's own model config says it at once ...
     with pytest.raises(WeightsError, match=r"were written for another architecture \(model.backbone: file "
-                                           r"'resnet18', this run 'mobilenet_v3_large'\)"):
+                                           r"'resnet18', this run 'mobilenet_v3_large'; model.backbone_stages: "
+                                           r"file 3, this run 4\)"):
         build_model(cfg, num_keypoints=5)
     # ... and opting in to another architecture still never half-loads a model.
     with pytest.raises(WeightsError, match=r"are not weights of this model: only \d+ of \d+ tensors \(\d+% of the "

@@ -25,11 +25,13 @@ def test_default_model_is_torchvision_keypointrcnn_resnet50_fpn() -> None:
         [n for n, p in reference.named_parameters() if p.requires_grad]
     assert ours.transform.min_size == reference.transform.min_size
     assert ours.transform.max_size == reference.transform.max_size
+    assert ours.rpn.anchor_generator.sizes == reference.rpn.anchor_generator.sizes
+    assert ours.rpn.anchor_generator.aspect_ratios == reference.rpn.anchor_generator.aspect_ratios
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
 def test_small_backbones_train_and_predict(backbone: str) -> None:
-    cfg = load_config(TINY_CONFIG, [f"model.backbone={backbone}"]).model
+    cfg = load_config(TINY_CONFIG, [f"model.backbone={backbone}", "model.backbone_stages=4"]).model
     model = build_model(cfg, num_keypoints=5)
     images = [torch.rand(3, 120, 160), torch.rand(3, 160, 120)]
     targets = [{"boxes": torch.tensor([[10.0, 10.0, 80.0, 100.0]]), "labels": torch.tensor([1]),
@@ -43,11 +45,30 @@ def test_small_backbones_train_and_predict(backbone: str) -> None:
     assert out[0]["keypoints"].shape[1:] == (5, 3)
 
 
+def body_stages(model: torch.nn.Module, trainable: bool = False) -> set[str]:
+    return {n.split(".")[2] for n, p in model.named_parameters()
+            if n.startswith("backbone.body") and (p.requires_grad or not trainable)}
+
+
 def test_frozen_backbone_layers_do_not_train() -> None:
-    cfg = load_config(TINY_CONFIG, ["model.trainable_backbone_layers=2"]).model
-    model = build_model(cfg, num_keypoints=17)
-    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.body")}
-    assert trainable == {"layer3", "layer4"}
+    cfg = load_config(TINY_CONFIG, ["model.backbone_stages=4", "model.trainable_backbone_layers=2"]).model
+    assert body_stages(build_model(cfg, num_keypoints=17), trainable=True) == {"layer3", "layer4"}
+
+
+def test_fewer_backbone_stages_leave_out_the_deepest_and_train_from_the_deepest_built_one() -> None:
+    cfg = load_config(TINY_CONFIG, ["model.backbone_stages=3", "model.trainable_backbone_layers=2"]).model
+    model = build_model(cfg, num_keypoints=5)
+    assert body_stages(model) == {"conv1", "bn1", "layer1", "layer2", "layer3"}
+    assert body_stages(model, trainable=True) == {"layer2", "layer3"}
+    assert model.rpn.anchor_generator.sizes == ((32,), (64,), (128,), (256,))  # three stages and the pool level
+    everything = build_model(cfg.model_copy(update={"trainable_backbone_layers": 5}), num_keypoints=5)
+    assert body_stages(everything, trainable=True) == body_stages(everything)
+    person = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 90.0]]), "labels": torch.tensor([1]),
+              "keypoints": torch.tensor([[[20.0, 30.0, 2.0]] * 5])}
+    losses = model([torch.rand(3, 96, 128)], [person])
+    sum(losses.values()).backward()
+    with pytest.raises(ValueError, match=r"model.backbone_stages: .*ResNet backbones only"):
+        load_config(TINY_CONFIG, ["model.backbone=mobilenet_v3_large", "model.backbone_stages=3"])
 
 
 def test_strict_weights_load_exactly_and_a_mismatch_names_the_keys(tmp_path: Path) -> None:

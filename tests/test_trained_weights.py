@@ -92,7 +92,7 @@ def test_model_keys_that_do_not_change_the_network_are_not_used(
         capfd: pytest.CaptureFixture) -> None:
     assert evaluate(TINY_CONFIG, run / "model_final.pt", synthetic_root, tmp_path / "eval",
                     "model.backbone_weights=ResNet18_Weights.IMAGENET1K_V1", "model.weights=/nowhere/coco.pt",
-                    "model.trainable_backbone_layers=2", "model.rpn_batch_size_per_image=32") == 0
+                    "model.trainable_backbone_layers=3", "model.rpn_batch_size_per_image=32") == 0
     err = capfd.readouterr().err
     assert ("not used from the config: model.backbone_weights, model.rpn_batch_size_per_image, "
             "model.trainable_backbone_layers, model.weights") in err

@@ -170,8 +170,13 @@ class ModelConfig(Section):
     backbone: Literal["resnet50", "resnet18", "mobilenet_v3_large"] = Field(
         "resnet50", description="Backbone network under the FPN (resnet18 or mobilenet_v3_large for small runs)."
     )
+    backbone_stages: int = Field(
+        4, ge=1, le=4, description="ResNet stages built and fed to the FPN (layer1 to layerN): fewer leave out the "
+        "deepest, a smaller model for small pictures. ResNet backbones only (mobilenet_v3_large: 4)."
+    )
     trainable_backbone_layers: int | None = Field(
-        None, ge=0, le=5, description="Backbone stages trained; null: 3 with pretrained weights, else all 5."
+        None, ge=0, le=5, description="Backbone stages trained, from the deepest built one down (conv1 last); null: "
+        "3 with pretrained weights, else all."
     )
     norm_layer: Literal["auto", "frozen_bn", "bn"] = Field(
         "auto", description="Backbone norm: auto = frozen BN with pretrained backbone weights, else BN (torchvision)."
@@ -203,6 +208,13 @@ class ModelConfig(Section):
     backbone_weights: str | None = Field(
         None, description="Backbone weights: torchvision name (e.g. ResNet50_Weights.IMAGENET1K_V1), path or URL."
     )
+
+    @field_validator("backbone_stages")
+    @classmethod
+    def _stages_of_a_resnet(cls, stages: int, info: ValidationInfo) -> int:
+        if stages != 4 and info.data.get("backbone") == "mobilenet_v3_large":
+            raise ValueError("applies to ResNet backbones only: mobilenet_v3_large feeds the FPN its own two stages")
+        return stages
 
     @field_validator("min_size")
     @classmethod

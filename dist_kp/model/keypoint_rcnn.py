@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 # Fewer of the model's values than this found in a weights file (by name and shape): another architecture.
 MIN_MATCHING_FRACTION = 0.5
 # The model keys that shape the network's tensors; fine-tuning may change only the keypoint count and names.
-ARCHITECTURE_KEYS = ("backbone", "fpn_channels", "box_head_dim", "keypoint_head_layers", "keypoint_head_channels")
+ARCHITECTURE_KEYS = ("backbone", "backbone_stages", "fpn_channels", "box_head_dim", "keypoint_head_layers",
+                     "keypoint_head_channels")
 # The keypoint logits of Keypoint R-CNN (a ConvTranspose2d): weight [channels, keypoints, 4, 4], bias [keypoints].
 KEYPOINT_LOGITS = "roi_heads.keypoint_predictor.kps_score_lowres.weight"
 KEYPOINT_BIAS = "roi_heads.keypoint_predictor.kps_score_lowres.bias"
@@ -440,16 +441,20 @@ def _resnet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: Stora
     resnet = getattr(torchvision.models, cfg.backbone)(weights=None, norm_layer=norm_layer)
     if cfg.backbone_weights:
         load_weights(resnet, cfg.backbone_weights, cfg.weights_strict, store, key="model.backbone_weights")
-    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: _trainable_layers(cfg)]
-    if _trainable_layers(cfg) == 5:
+    stages = cfg.backbone_stages
+    layers = [f"layer{i}" for i in range(stages, 0, -1)] + ["conv1"]  # the deepest first, as trained
+    trainable = layers[: _trainable_layers(cfg)]
+    if _trainable_layers(cfg) >= len(layers):
         trainable.append("bn1")
     for name, parameter in resnet.named_parameters():
         if all(not name.startswith(layer) for layer in trainable):
             parameter.requires_grad_(False)
     stage_channels = resnet.inplanes // 8
-    in_channels = [stage_channels * 2**i for i in range(4)]
-    return_layers = {f"layer{i + 1}": str(i) for i in range(4)}
-    return BackboneWithFPN(resnet, return_layers, in_channels, cfg.fpn_channels, extra_blocks=LastLevelMaxPool()), 4
+    in_channels = [stage_channels * 2**i for i in range(stages)]
+    # The stages past the last returned one are not part of the model (IntermediateLayerGetter).
+    return_layers = {f"layer{i + 1}": str(i) for i in range(stages)}
+    fpn = BackboneWithFPN(resnet, return_layers, in_channels, cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
+    return fpn, stages
 
 
 def _mobilenet_backbone(cfg: ModelConfig, norm_layer: type[nn.Module], store: Storage | None
@@ -485,7 +490,9 @@ def build_model(cfg: ModelConfig, num_keypoints: int, store: Storage | None = No
         anchor_generator = AnchorGenerator(((32, 64, 128, 256, 512),) * (levels + 1), ((0.5, 1.0, 2.0),) * (levels + 1))
     else:
         backbone, levels = _resnet_backbone(cfg, norm_layer, store)
-        anchor_generator = None  # torchvision's default for five FPN levels
+        # torchvision's anchors (one size per FPN level, 32 to 512 with all five), one level per stage + pool
+        sizes = ((32,), (64,), (128,), (256,), (512,))[: levels + 1]
+        anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     names = [str(i) for i in range(levels)]
     channels = cfg.fpn_channels
     model = KeypointRCNN(
