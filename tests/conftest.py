@@ -7,6 +7,7 @@ import functools
 import gc
 import inspect
 import logging
+import math
 import os
 import random
 import re
@@ -132,11 +133,24 @@ def _uses_slurm(path: str) -> bool:
         return False
 
 
+def longest_first(scopes: list[str]) -> list[str]:
+    """xdist scopes in the order the workers take them: the SLURM one (a third of the suite's time), then by
+    the process-starting calls in a file (a proxy for its time; ties keep their order). A long file taken
+    last leaves the other worker idle at the end: xdist's own order, most tests first, put the README's one
+    test of 60 s after the 50 tests of 3 s of test_flip_pairs."""
+    return sorted(scopes, key=_process_calls, reverse=True)
+
+
+@functools.cache
+def _process_calls(scope: str) -> float:
+    return math.inf if scope == "slurm" else len(STARTS_PROCESSES.findall((REPO / scope).read_text()))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """Under `-n N` (launch/test.sh), tests go to the workers a scope of xdist_scope at a time: the
-    SLURM one first, then the scopes with the most tests first. (pytest-xdist's own xdist_group marks
-    cannot be used: they rename the test's nodeid, which pytest 9 no longer lets a plugin do.)"""
+    """Under `-n N` (launch/test.sh), tests go to the workers a scope of xdist_scope at a time, in the
+    order of longest_first. (pytest-xdist's own xdist_group marks cannot be used: they rename the test's
+    nodeid, which pytest 9 no longer lets a plugin do.)"""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileScheduling(LoadScopeScheduling):
@@ -144,10 +158,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return xdist_scope(nodeid)
 
         def _assign_work_unit(self, node) -> None:
-            # The SLURM scope is the longest (a third of the suite's time): started last, the other
-            # worker would sit idle at the end.
-            if "slurm" in self.workqueue:
-                self.workqueue.move_to_end("slurm", last=False)
+            for scope in longest_first(list(self.workqueue)):  # the queue is whole at the first assignment
+                self.workqueue.move_to_end(scope)
             super()._assign_work_unit(node)
 
     return FileScheduling(config, log)

@@ -26,7 +26,7 @@ from tests.conftest import (
     tiny_overrides,
 )
 
-TIMEOUT_S = 20
+TIMEOUT_S = 10  # the shortest train.dist_timeout_s: no collective of these runs waits for seconds
 # Past the collective timeout: gloo noticing it, the error's log line, the process exiting (2 busy cores).
 MARGIN_S = 20
 # torchrun then waits this long for the stopped worker to answer SIGTERM before it kills it. The tests let

@@ -327,7 +327,7 @@ def worker_with_procid(procid: int) -> int:
 
 def test_a_stopped_task_ends_the_job_step_non_zero_within_the_collective_timeout(slurm, synthetic_root: Path,
                                                                                  tmp_path: Path) -> None:
-    timeout_s = 20
+    timeout_s = 10  # the shortest train.dist_timeout_s
     out = tmp_path / "run"
     job_id = sbatch(slurm, tmp_path, synthetic_root, out, "train.max_steps=10000", f"train.dist_timeout_s={timeout_s}")
     wait_for_log(tmp_path, job_id, r"\] step 3 ")

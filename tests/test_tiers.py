@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests import tier_probe
-from tests.conftest import REPO, child_env, starts_processes, xdist_scope
+from tests.conftest import REPO, child_env, longest_first, starts_processes, xdist_scope
 
 
 def test_a_process_started_by_a_helper_of_a_helper_or_a_class_in_a_comprehension_counts() -> None:
@@ -77,3 +77,11 @@ def test_two_workers_shuffle_the_same_order_and_run_every_test(tmp_path: Path) -
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.search(rf"\b{collected} passed", result.stdout), result.stdout[-3000:]
     assert "test order shuffled with seed" in result.stdout
+
+
+def test_the_workers_take_the_slurm_files_first_then_the_files_that_start_the_most_processes() -> None:
+    scopes = ["tests/test_flip_pairs.py", "tests/test_readme.py", "tests/test_eval_records.py", "slurm",
+              "tests/test_checkpoint.py"]
+    # test_readme starts its commands in one helper; test_checkpoint has dozens of runs; the last two none.
+    assert longest_first(scopes) == ["slurm", "tests/test_checkpoint.py", "tests/test_readme.py",
+                                     "tests/test_flip_pairs.py", "tests/test_eval_records.py"]
