@@ -158,7 +158,8 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return xdist_scope(nodeid)
 
         def _assign_work_unit(self, node) -> None:
-            for scope in longest_first(list(self.workqueue)):  # the queue is whole at the first assignment
+            # Ordered again at each assignment (40 cached counts): the base class fills the queue, then assigns.
+            for scope in longest_first(list(self.workqueue)):
                 self.workqueue.move_to_end(scope)
             super()._assign_work_unit(node)
 
