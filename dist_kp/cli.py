@@ -50,8 +50,10 @@ def as_process(main: Callable[[], int | None]) -> int:
     and the interpreter's shutdown do not walk it again: ~1 s less CPU per process that imports torch
     (`import dist_kp.train` then exit: 4.0 s -> 3.1 s). Python finalizes nothing still alive at exit
     anyway (no promise of `__del__`); dist_kp closes its files and joins its threads itself.
+    The imports before it ran with the collector off (dist_kp/__init__.py, console): it is on from here.
     """
     gc.freeze()
+    gc.enable()
     try:
         return main() or 0
     finally:
@@ -60,6 +62,10 @@ def as_process(main: Callable[[], int | None]) -> int:
 
 def console() -> int:
     """The `dist-kp` console command."""
+    command = sys.argv[1] if len(sys.argv) > 1 else ""
+    if command in COMMANDS:
+        gc.disable()  # its module's imports as under `python -m dist_kp.COMMAND`: as_process turns it on
+        importlib.import_module(COMMANDS[command][0])
     return as_process(main)
 
 

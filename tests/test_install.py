@@ -157,8 +157,35 @@ def test_a_command_process_keeps_its_imports_out_of_the_garbage_collectors_walks
     assert int(counts["at exit"]) > int(counts["in main"]) + 10_000  # torchvision, imported by main
 
 
+# Reports, in the process it is loaded into, whether the collector is on when torch is imported and at exit.
+GC_WATCH = """import atexit, gc, sys
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            print("collector at torch import:", gc.isenabled(), file=sys.stderr)
+sys.meta_path.insert(0, Watch())
+atexit.register(lambda: print("collector at exit:", gc.isenabled(), file=sys.stderr))
+"""
+
+
+@pytest.mark.parametrize("how", ["python -m", "dist-kp"])
+def test_a_command_imports_without_the_collector_and_runs_with_it(how: str, tmp_path: Path) -> None:
+    # The command module's imports (torch's ~350,000 objects) skip the collector's passes; main runs with it on.
+    (tmp_path / "sitecustomize.py").write_text(GC_WATCH)
+    argv = ([sys.executable, "-m", "dist_kp.train"] if how == "python -m"
+            else [str(Path(sys.executable).with_name("dist-kp")), "train"])
+    result = subprocess.run([*argv, "--help"], cwd=tmp_path, env=child_env(PYTHONPATH=str(tmp_path)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--config" in result.stdout, result.stderr
+    assert result.stderr.splitlines()[-2:] == ["collector at torch import: False", "collector at exit: True"]
+    # Nothing else turns it off: the same import in a plain interpreter has it on.
+    result = subprocess.run([sys.executable, "-c", "import dist_kp.train"], cwd=tmp_path,
+                            env=child_env(PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert result.stderr.splitlines()[-2:] == ["collector at torch import: True", "collector at exit: True"]
+
+
 @pytest.mark.parametrize("module", sorted({module for module, _ in cli.COMMANDS.values()}
-                                          | {"dist_kp.data.index_cache"}))
+                                          | {"dist_kp.data.index_cache", "dist_kp.config.reference"}))
 def test_every_command_module_runs_its_main_as_a_process_through_as_process(module: str) -> None:
     source = (REPO / (module.replace(".", "/") + ".py")).read_text()
     assert source.rstrip().endswith('if __name__ == "__main__":\n    sys.exit(as_process(main))'), module

@@ -95,5 +95,6 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if rank == 0 else logging.WARNING)
-    # Whichever rank wins the node's lock builds the index cache: that one line is logged by any rank.
+    # Whichever rank wins the node's lock builds the index cache, the others wait for it: those lines are
+    # logged by any rank (a rank that waits says why it does not go on).
     logging.getLogger("dist_kp.data.index_cache").setLevel(level)
