@@ -109,34 +109,31 @@ def resumed_at(log: str) -> int:
     return int(found.group(1))
 
 
-@pytest.mark.parametrize("kill_step, workers_after", [(9, 1), (5, 2)])
+@pytest.mark.parametrize("kill_step, workers_after, ema", [(9, 1, ()), (5, 2, EMA)], ids=["9-1", "5-2-ema"])
 def test_sigkill_then_same_command_ends_bit_identical(straight_run: Path, synthetic_root: Path, tmp_path: Path,
-                                                      kill_step: int, workers_after: int) -> None:
+                                                      kill_step: int, workers_after: int, ema: tuple[str, ...]) -> None:
+    """Killed past a checkpoint, the same command again (here with another number of loader workers) ends
+    identical to the straight run; with the EMA of the weights on, the average is restored too."""
     out = tmp_path / "killed"
-    first = start_module("dist_kp.train", train_args(synthetic_root, str(out), workers=1), nproc=2)
+    first = start_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *ema), nproc=2)
     _, last_saved = kill_between_checkpoints(first, kill_step)
     assert not (out / "model_final.pt").exists()
-    result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), workers=workers_after), nproc=2))
+    result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), workers_after, *ema), nproc=2))
     # A save whose "saved" line the kill cut off is complete too: resume is from it or newer.
     resumed_step = resumed_at(result.stderr)
     assert resumed_step >= last_saved
-    assert_same_training(final_state(str(straight_run)), final_state(str(out)))
-    a, b = records(straight_run), records(out)
-    assert sorted(b) == list(range(1, STEPS + 1))
-    for step in range(resumed_step + 1, STEPS + 1):
-        assert loss_terms(a[step]) == loss_terms(b[step]), step
-
-
-def test_with_ema_on_sigkill_then_same_command_ends_bit_identical_ema_included(
-        straight_run: Path, synthetic_root: Path, tmp_path: Path) -> None:
-    out = tmp_path / "killed"
-    first = start_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2)
-    _, last_saved = kill_between_checkpoints(first, 5)
-    result = check(run_module("dist_kp.train", train_args(synthetic_root, str(out), 1, *EMA), nproc=2))
-    assert resumed_at(result.stderr) >= last_saved
-    assert "holds no state of dist_kp.engine.hooks.EMAHook" not in result.stderr  # restored, not restarted
     a, b = final_state(str(straight_run)), final_state(str(out))
     assert_same_training(a, b)
+    records_a, records_b = records(straight_run), records(out)
+    assert sorted(records_b) == list(range(1, STEPS + 1))
+    for step in range(resumed_step + 1, STEPS + 1):
+        assert loss_terms(records_a[step]) == loss_terms(records_b[step]), step
+    if ema:
+        assert_ema_restored_and_final(result.stderr, a, b, straight_run, out)
+
+
+def assert_ema_restored_and_final(log: str, a: dict, b: dict, straight_run: Path, out: Path) -> None:
+    assert "holds no state of dist_kp.engine.hooks.EMAHook" not in log  # restored, not restarted
     assert a[EMA_STATE]["updates"] == b[EMA_STATE]["updates"] == STEPS
     for name, averaged in a[EMA_STATE]["parameters"].items():
         assert torch.equal(averaged, b[EMA_STATE]["parameters"][name]), name
@@ -146,7 +143,7 @@ def test_with_ema_on_sigkill_then_same_command_ends_bit_identical_ema_included(
         assert torch.equal(tensor, finals[1]["model"][name]), name
     # model_final.pt holds the average, not the trained weights of the last step.
     assert not all(torch.equal(finals[1]["model"][name], b["model"][name]) for name in b[EMA_STATE]["parameters"])
-    assert "model_final.pt: EMA weights (decay 0.9, warmup 2 steps, 10 updates)" in result.stderr
+    assert "model_final.pt: EMA weights (decay 0.9, warmup 2 steps, 10 updates)" in log
 
 
 def make_store(out: Path, **options) -> CheckpointStore:
