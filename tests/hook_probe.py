@@ -139,7 +139,17 @@ class ExitProbeHook(Hook):
 
     @staticmethod
     def _write(path: Path) -> None:
-        tasks = Path("/proc/self/task")
-        names = sorted((task / "comm").read_text().strip() for task in tasks.iterdir())
+        names = _thread_names()
         with path.open("a") as f:
             f.write(f"{os.getpid()} {','.join(names)}\n")
+        if any(name.startswith("gloo") for name in names):
+            # For the failure's message: does a collection end it (garbage held it) or not (something live)?
+            import gc
+
+            gc.collect()
+            with path.with_name(f"{path.name}.after-collect").open("a") as f:
+                f.write(f"{os.getpid()} {','.join(_thread_names())}\n")
+
+
+def _thread_names() -> list[str]:
+    return sorted((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
