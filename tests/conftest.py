@@ -128,9 +128,15 @@ def xdist_scope(nodeid: str) -> str:
 @functools.cache
 def _uses_slurm(path: str) -> bool:
     try:
-        return bool(USES_SLURM.search((REPO / path).read_text()))
+        return bool(USES_SLURM.search(_test_file_text(path)))
     except OSError:
         return False
+
+
+@functools.cache
+def _test_file_text(path: str) -> str:
+    """A test file's source, read once per run (the scheduler's two questions about it share it)."""
+    return (REPO / path).read_text()
 
 
 def longest_first(scopes: list[str]) -> list[str]:
@@ -143,7 +149,7 @@ def longest_first(scopes: list[str]) -> list[str]:
 
 @functools.cache
 def _process_calls(scope: str) -> float:
-    return math.inf if scope == "slurm" else len(STARTS_PROCESSES.findall((REPO / scope).read_text()))
+    return math.inf if scope == "slurm" else len(STARTS_PROCESSES.findall(_test_file_text(scope)))
 
 
 @pytest.hookimpl(optionalhook=True)

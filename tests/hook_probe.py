@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -144,8 +145,6 @@ class ExitProbeHook(Hook):
             f.write(f"{os.getpid()} {','.join(names)}\n")
         if any(name.startswith("gloo") for name in names):
             # For the failure's message: does a collection end it (garbage held it) or not (something live)?
-            import gc
-
             gc.collect()
             with path.with_name(f"{path.name}.after-collect").open("a") as f:
                 f.write(f"{os.getpid()} {','.join(_thread_names())}\n")
