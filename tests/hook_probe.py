@@ -93,6 +93,17 @@ class HoldHook(Hook):
             self._hold()
 
 
+class FailHook(Hook):
+    """Raises an error dist_kp does not know (a user's bug) after step FAIL_AT_STEP, on every rank."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.step = int(os.environ["FAIL_AT_STEP"])
+
+    def after_step(self, trainer) -> None:
+        if trainer.progress.step == self.step:
+            raise ValueError(f"a bug in a user's hook at step {self.step}")
+
+
 class EventProbeHook(Hook):
     """Records the evaluations and checkpoints it is told of, as its own saved state.
 

@@ -110,6 +110,25 @@ def watched(values: list[tuple[int, float]], patience: int) -> tuple[float, int,
     return best, best_step, None
 
 
+def test_an_error_from_a_users_hook_ends_the_process_with_no_gloo_thread_left(synthetic_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """The error leaves main with its traceback (printed, then kept by Python until the end), whose frames held
+    the trainer, DDP and the process group: cleanup clears them first, or gloo's threads live on into
+    interpreter shutdown, where one can abort the process (exit -6 in place of the error's exit status)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    args = ["--config", str(TINY_CONFIG), *tiny_overrides(
+        synthetic_root, tmp_path / "run", "train.max_steps=4", "train.workers=0", "eval.every_epochs=0",
+        "eval.at_end=false", "train.hooks=[tests.hook_probe:FailHook,tests.hook_probe:ExitProbeHook]")]
+    result = run_module("dist_kp.train", args, nproc=2, env=child_env(PROBE_DIR=str(probe), FAIL_AT_STEP="2"))
+    assert result.returncode != 0 and "ValueError: a bug in a user's hook at step 2" in result.stderr
+    # torchrun stops the other rank once one has failed: the first to fail ended by itself, atexit included.
+    exits = [path.read_text().splitlines() for path in probe.glob("exit[01]")]
+    assert exits, result.stderr[-3000:]
+    for lines in exits:
+        assert len(lines) == 1 and "gloo" not in lines[0], (lines, result.stderr[-3000:])
+
+
 def test_keep_best_and_early_stop_carry_their_state_across_a_kill_on_two_ranks(synthetic_root: Path,
                                                                               tmp_path: Path) -> None:
     probe, out = tmp_path / "probe", tmp_path / "run"

@@ -18,10 +18,13 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -282,16 +285,43 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
                 dist.broadcast(buffer.data, src=src)
 
 
-def cleanup() -> None:
+def cleanup(linger_s: float = 10.0) -> None:
     """Destroy the process group and its threads while the interpreter is fully alive.
 
     DDP sits in reference cycles (module, reducer, hooks) and holds the process group: until the
     cycle is collected the gloo worker threads live on into interpreter shutdown, where one that
     drops the last reference to a tensor needs the GIL and aborts the process ("terminate called
     without an active exception", exit -6 after a finished run). Collecting first frees them here.
+    An exception on its way out (a collective that timed out, a lost peer) holds every frame it
+    passed through, DDP and the process group among their variables: those frames are cleared
+    first (its traceback still prints), or the threads would outlive the destroy. A gloo thread
+    still there after the destroy is waited for (up to `linger_s`), then named in a warning.
     """
-    if is_distributed():
-        gc.collect()
-        dist.destroy_process_group()
+    if not is_distributed():
+        return
+    in_flight = sys.exc_info()[1]
+    if in_flight is not None:
+        traceback.clear_frames(in_flight.__traceback__)
+        del in_flight
+    rank = get_rank()
+    gc.collect()
+    dist.destroy_process_group()
+    deadline = time.monotonic() + linger_s
+    while (left := gloo_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        log.warning("rank %d: gloo threads %s outlived the process group by %g s", rank, ",".join(left),
+                    linger_s)
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: /proc/self/task), which end with the process group."""
+    names = []
+    for task in Path("/proc/self/task").glob("*/comm"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            name = task.read_text().strip()
+            if name.startswith(("gloo", "pt_gloo")):
+                names.append(name)
+    return sorted(names)
 
 
