@@ -22,11 +22,15 @@ STAND_IN = """#!/bin/sh
 requeued="$(dirname "$0")/requeued"
 case "$1" in
   show)
+    # The teardown of a requeued job also ends the first reads after it (OUTCOME ..._reads_N: N of them).
+    if [ -e "$requeued" ] && [ "${OUTCOME#*_reads_}" != "$OUTCOME" ] && [ "$(wc -l < "$requeued")" -lt "${OUTCOME#*_reads_}" ]; then
+      echo >> "$requeued"; kill -TERM $$
+    fi
     if [ -e "$requeued" ]; then echo "JobId=$3 JobState=REQUEUED Requeue=1 Restarts=1"
     else echo "JobId=$3 JobState=RUNNING Requeue=1 Restarts=0"; fi ;;
   requeue)
     case "$OUTCOME" in
-      killed_after_requeue) touch "$requeued"; kill -TERM $$ ;;
+      killed_after_requeue*) touch "$requeued"; kill -TERM $$ ;;
       killed_before_requeue) kill -TERM $$ ;;
       refused) echo "scontrol: error: Job is no longer pending execution" >&2; exit 1 ;;
     esac ;;
@@ -61,6 +65,25 @@ def test_scontrol_killed_by_the_requeue_it_asked_for_counts_as_requeued(slurm_jo
     assert "stopped by SIGUSR1: checkpoint saved, SLURM job 77 requeued (restart 1; `scontrol requeue` was ended by " \
            "SIGTERM" in caplog.text
     assert "failed" not in caplog.text
+
+
+@pytest.mark.parametrize("killed_reads", [1, preemption.REREADS - 1])
+def test_reads_of_the_restart_count_ended_by_the_same_teardown_are_tried_again(slurm_job, caplog,
+                                                                              killed_reads: int) -> None:
+    """Seen on the two-node test cluster under load: the job came back, but the `scontrol show job` after the
+    killed requeue was ended too, and rank 0 logged "failed: ..., the job's restart count could not be read"."""
+    with caplog.at_level(logging.INFO, logger=preemption.__name__):
+        status = slurm_job(f"killed_after_requeue_reads_{killed_reads}")
+    assert status == 0 and preemption.job_requeued()
+    assert "SLURM job 77 requeued (restart 1; `scontrol requeue` was ended by SIGTERM" in caplog.text
+    assert "failed" not in caplog.text
+
+
+def test_a_restart_count_that_no_read_gets_is_a_failure_that_says_so(slurm_job, caplog) -> None:
+    status = slurm_job(f"killed_after_requeue_reads_{preemption.REREADS}")
+    assert status == preemption.EXIT_PREEMPTED and not preemption.job_requeued()
+    assert ("`scontrol requeue 77` failed: ended by SIGTERM, and the job's restart count could not be read after it"
+            in caplog.text)
 
 
 def test_scontrol_killed_without_a_requeue_is_a_failure_that_names_the_signal(slurm_job, caplog) -> None:

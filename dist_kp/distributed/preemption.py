@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 # Exit status of a run stopped by a signal that is not coming back by itself (no SLURM requeue).
 EXIT_PREEMPTED = 143
+# Tries of `scontrol show job` (the teardown of a requeued job can end each one; a busy controller errs).
+REREADS = 5
 
 _job_requeued = False
 
@@ -124,15 +126,29 @@ class PreemptionHandler:
 
 
 def _slurm_job(job_id: str) -> str | None:
-    """`scontrol show job` of the job, or None when SLURM cannot be asked (said in the log)."""
-    try:
-        return subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60).stdout
-    except FileNotFoundError:
-        # Inside a container without SLURM's tools: the batch script requeues on our exit status.
-        log.warning("scontrol is not available here; exiting with status %d for the batch script to requeue",
-                    EXIT_PREEMPTED)
-    except (OSError, subprocess.SubprocessError) as error:
-        log.error("cannot ask SLURM about job %s: %s", job_id, error)
+    """`scontrol show job` of the job, or None when SLURM cannot be asked (said in the log).
+
+    A read that fails is tried again, REREADS times in all: after a requeue SLURM ends every process
+    of the job, an scontrol started while that teardown goes on among them, and a busy controller
+    answers with an error.
+    """
+    failure = ""
+    for _ in range(REREADS):
+        try:
+            result = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            # Inside a container without SLURM's tools: the batch script requeues on our exit status.
+            log.warning("scontrol is not available here; exiting with status %d for the batch script to requeue",
+                        EXIT_PREEMPTED)
+            return None
+        except (OSError, subprocess.SubprocessError) as error:
+            log.error("cannot ask SLURM about job %s: %s", job_id, error)
+            return None
+        if result.returncode == 0:
+            return result.stdout
+        failure = (f"ended by {signal.Signals(-result.returncode).name}" if result.returncode < 0
+                   else result.stderr.strip() or f"exit status {result.returncode}")
+    log.error("cannot ask SLURM about job %s (`scontrol show job`, %d tries): %s", job_id, REREADS, failure)
     return None
 
 
@@ -160,7 +176,9 @@ def _requeue(job_id: str, job: str, name: str) -> bool:
 
     The requeue ends the job's processes at once, and scontrol is one of them (a child of this
     rank): it can be killed by SLURM's SIGTERM after the requeue took effect and before it exits
-    0. Killed by a signal, the job's restart count says whether the requeue happened.
+    0. Killed by a signal, the job's restart count says whether the requeue happened; the reads of
+    it can be ended by the same teardown (seen on the two-node test cluster under load), so a few
+    are tried.
     """
     result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     if result.returncode == 0:
