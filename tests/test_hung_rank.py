@@ -189,4 +189,3 @@ def test_a_timeout_in_ddps_buffer_broadcast_before_a_forward_pass_is_named_like_
         assert distributed.collective_timeout(raised(forward, "CUDA out of memory")) is None
     finally:
         distributed.training_step(None)
-
