@@ -151,15 +151,11 @@ class ExitProbeHook(Hook):
 
     @staticmethod
     def _write(path: Path) -> None:
-        names = _thread_names()
+        names = distributed.thread_names()
         with path.open("a") as f:
             f.write(f"{os.getpid()} {','.join(names)}\n")
         if any(name.startswith("gloo") for name in names):
             # For the failure's message: does a collection end it (garbage held it) or not (something live)?
             gc.collect()
             with path.with_name(f"{path.name}.after-collect").open("a") as f:
-                f.write(f"{os.getpid()} {','.join(_thread_names())}\n")
-
-
-def _thread_names() -> list[str]:
-    return sorted((task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+                f.write(f"{os.getpid()} {','.join(distributed.thread_names())}\n")

@@ -285,7 +285,11 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
                 dist.broadcast(buffer.data, src=src)
 
 
-def cleanup(linger_s: float = 10.0) -> None:
+# How long cleanup waits for gloo's threads after destroying the process group (normally: not at all).
+GLOO_LINGER_S = 10.0
+
+
+def cleanup() -> None:
     """Destroy the process group and its threads while the interpreter is fully alive.
 
     DDP sits in reference cycles (module, reducer, hooks) and holds the process group: until the
@@ -295,7 +299,7 @@ def cleanup(linger_s: float = 10.0) -> None:
     An exception on its way out (a collective that timed out, a lost peer) holds every frame it
     passed through, DDP and the process group among their variables: those frames are cleared
     first (its traceback still prints), or the threads would outlive the destroy. A gloo thread
-    still there after the destroy is waited for (up to `linger_s`), then named in a warning.
+    still there after the destroy is waited for (up to GLOO_LINGER_S), then named in a warning.
     """
     if not is_distributed():
         return
@@ -306,22 +310,25 @@ def cleanup(linger_s: float = 10.0) -> None:
     rank = get_rank()
     gc.collect()
     dist.destroy_process_group()
-    deadline = time.monotonic() + linger_s
+    deadline = time.monotonic() + GLOO_LINGER_S
     while (left := gloo_threads()) and time.monotonic() < deadline:
         time.sleep(0.05)
     if left:
         log.warning("rank %d: gloo threads %s outlived the process group by %g s", rank, ",".join(left),
-                    linger_s)
+                    GLOO_LINGER_S)
 
 
-def gloo_threads() -> list[str]:
-    """Names of this process's gloo threads (Linux: /proc/self/task), which end with the process group."""
+def thread_names() -> list[str]:
+    """Names of this process's threads, Python's and native ones (Linux: /proc/self/task), sorted."""
     names = []
     for task in Path("/proc/self/task").glob("*/comm"):
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            name = task.read_text().strip()
-            if name.startswith(("gloo", "pt_gloo")):
-                names.append(name)
+            names.append(task.read_text().strip())
     return sorted(names)
+
+
+def gloo_threads() -> list[str]:
+    """This process's gloo threads, which end with the process group."""
+    return [name for name in thread_names() if name.startswith(("gloo", "pt_gloo"))]
 
 
