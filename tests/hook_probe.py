@@ -154,7 +154,7 @@ class ExitProbeHook(Hook):
         names = distributed.thread_names()
         with path.open("a") as f:
             f.write(f"{os.getpid()} {','.join(names)}\n")
-        if distributed.gloo_threads():
+        if distributed.gloo_threads(names):  # the threads just recorded, not a second read of /proc
             # For the failure's message: does a collection end it (garbage held it) or not (something live)?
             gc.collect()
             with path.with_name(f"{path.name}.after-collect").open("a") as f:

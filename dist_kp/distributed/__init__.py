@@ -327,8 +327,8 @@ def thread_names() -> list[str]:
     return sorted(names)
 
 
-def gloo_threads() -> list[str]:
-    """This process's gloo threads, which end with the process group."""
-    return [name for name in thread_names() if name.startswith(("gloo", "pt_gloo"))]
+def gloo_threads(names: list[str] | None = None) -> list[str]:
+    """The gloo threads among `names` (default: this process's threads now), which end with the process group."""
+    return [name for name in (thread_names() if names is None else names) if name.startswith(("gloo", "pt_gloo"))]
 
 
